@@ -1,0 +1,210 @@
+"""Text -> latents -> video: sizes, seeded noise, the CFG denoising loop and the pipeline object.
+
+Text encoding and VAE decoding sit behind two small interfaces (``TextEncoderBackend``,
+``VAEBackend``) so the same loop runs against the HTTP service or in-process models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from .scheduler import FlowMatchDiscreteScheduler, cfg_combine
+
+POS_MAGIC = ("超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、"
+             "自然、生动、超细节、清晰。")
+NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+DEFAULT_SEED = 67280421310721
+FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION = 17, 3, 16
+
+
+@dataclass(frozen=True)
+class SamplingPreset:
+    """Sampling defaults of a checkpoint family."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 9.0
+    time_shift: float = 13.0
+    num_frames: int = 204
+    height: int = 544
+    width: int = 992
+
+
+PRESETS = {
+    "base": SamplingPreset(),
+    "turbo": SamplingPreset(num_inference_steps=15, guidance_scale=5.0, time_shift=17.0),
+}
+
+
+@dataclass(frozen=True)
+class VideoSize:
+    """Frames and pixels after the release's rounding, and the matching latent shape."""
+
+    num_frames: int
+    height: int
+    width: int
+
+    @classmethod
+    def rounded(cls, num_frames: int, height: int, width: int) -> "VideoSize":
+        """Frames down to a multiple of 17 (at least 1), height/width down to multiples of 16."""
+        if min(num_frames, height, width) < 1:
+            raise ValueError(f"num_frames, height and width must be positive, got "
+                             f"{num_frames}, {height}, {width}")
+        return cls(max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1),
+                   max(height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, 16),
+                   max(width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, 16))
+
+    def latent_shape(self, batch: int, channels: int) -> tuple[int, int, int, int, int]:
+        frames = max(self.num_frames // FRAMES_PER_CHUNK * LATENT_FRAMES_PER_CHUNK, 1)
+        return (batch, frames, channels, self.height // SPATIAL_COMPRESSION,
+                self.width // SPATIAL_COMPRESSION)
+
+
+@dataclass
+class TextEmbeddings:
+    """Conditioning for a DiT batch: y (B, Ly, 6144), mask (B, Lc+Ly), clip (B, Lc, 1024)."""
+
+    y: torch.Tensor
+    mask: torch.Tensor
+    clip: torch.Tensor
+
+    def to(self, device=None, dtype=None) -> "TextEmbeddings":
+        return TextEmbeddings(self.y.to(device, dtype), self.mask.to(device), self.clip.to(device, dtype))
+
+    def select(self, index: slice | torch.Tensor) -> "TextEmbeddings":
+        return TextEmbeddings(self.y[index], self.mask[index], self.clip[index])
+
+    @staticmethod
+    def cat(parts: Iterable["TextEmbeddings"]) -> "TextEmbeddings":
+        parts = list(parts)
+        return TextEmbeddings(*(torch.cat([getattr(p, f.name) for p in parts])
+                                for f in dataclasses.fields(TextEmbeddings)))
+
+
+class TextEncoderBackend(Protocol):
+    def encode(self, prompts: list[str]) -> TextEmbeddings: ...
+
+
+class VAEBackend(Protocol):
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise from a CPU generator seeded with ``seed``: identical on every rank and
+    device. Rounded through ``dtype`` (the transformer's) as the release's bf16 noise is."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).float()
+
+
+def cfg_prompts(prompts: list[str], pos_magic: str, neg_magic: str) -> list[str]:
+    """The text batch [p1+pos, ..., pB+pos, neg, ..., neg]: positives first, then negatives."""
+    return [p + pos_magic for p in prompts] + [neg_magic] * len(prompts)
+
+
+def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings,
+                    guidance: float) -> torch.Tensor:
+    """One CFG prediction: the transformer sees [x, x] against [positive, negative] text."""
+    dtype = next(transformer.parameters()).dtype
+    xx = torch.cat([x, x]).to(dtype)
+    v = transformer(xx, t.expand(xx.shape[0]).to(dtype), text.y, text.clip, text.mask,
+                    return_dict=False)
+    v_pos, v_neg = v.float().chunk(2)
+    return cfg_combine(v_pos, v_neg, guidance)
+
+
+def denoise(transformer, latents: torch.Tensor, text: TextEmbeddings,
+            scheduler: FlowMatchDiscreteScheduler, guidance: float,
+            velocity: Callable = guided_velocity,
+            on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run the Euler loop over ``scheduler.timesteps``; latents stay float32 between steps."""
+    x = latents.float()
+    for i, t in enumerate(scheduler.timesteps):
+        v = velocity(transformer, x, t, text, guidance)
+        x = scheduler.step(v, t, x)
+        if on_step is not None:
+            on_step(i, x)
+    return x
+
+
+class StepVideoPipeline:
+    """Prompt -> video with the public release's call form."""
+
+    def __init__(self, transformer, scheduler: FlowMatchDiscreteScheduler | None = None,
+                 text_encoder: TextEncoderBackend | None = None, vae: VAEBackend | None = None):
+        self.transformer = transformer
+        self.scheduler = scheduler or FlowMatchDiscreteScheduler()
+        self.text_encoder = text_encoder
+        self.vae = vae
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu",
+                        transformer_dir: str | None = None) -> "StepVideoPipeline":
+        import os
+
+        from ..modules.model import StepVideoModel
+
+        transformer = StepVideoModel.from_pretrained(transformer_dir or model_dir, dtype, device)
+        sched_cfg = os.path.join(transformer_dir or model_dir, "scheduler", "scheduler_config.json")
+        scheduler = (FlowMatchDiscreteScheduler.from_config_file(sched_cfg)
+                     if os.path.isfile(sched_cfg) else FlowMatchDiscreteScheduler())
+        return cls(transformer, scheduler)
+
+    def setup_api(self, vae_url: str, caption_url: str, token: str | None = None) -> "StepVideoPipeline":
+        """Use the caption/VAE service for text encoding and decoding."""
+        from ..service.client import RemoteTextEncoder, RemoteVAE
+
+        self.text_encoder = RemoteTextEncoder(caption_url, token=token)
+        self.vae = RemoteVAE(vae_url, token=token)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def encode_prompt(self, prompts: list[str], pos_magic: str, neg_magic: str) -> TextEmbeddings:
+        if self.text_encoder is None:
+            raise RuntimeError("no text encoder: call setup_api(vae_url, caption_url) or pass "
+                               "text_encoder= to the pipeline")
+        dtype = next(self.transformer.parameters()).dtype
+        return self.text_encoder.encode(cfg_prompts(prompts, pos_magic, neg_magic)).to(self.device, dtype)
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str | list[str], height: int = 544, width: int = 992,
+                 num_frames: int = 204, num_inference_steps: int = 50, guidance_scale: float = 9.0,
+                 time_shift: float = 13.0, neg_magic: str = "", pos_magic: str = "",
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "mp4", output_file_name: str = "", return_dict: bool = True,
+                 seed: int = DEFAULT_SEED, on_step: Callable | None = None):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if output_type not in ("mp4", "latent", "tensor"):
+            raise ValueError(f"output_type must be 'mp4', 'latent' or 'tensor', got {output_type!r}")
+        text = self.encode_prompt(prompts, pos_magic, neg_magic)
+        if latents is None:
+            size = VideoSize.rounded(num_frames, height, width)
+            shape = size.latent_shape(len(prompts), self.transformer.config.in_channels)
+            dtype = next(self.transformer.parameters()).dtype
+            if generator is not None:
+                latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+            else:
+                latents = initial_noise(shape, seed, dtype)
+        self.scheduler.set_timesteps(num_inference_steps, time_shift, device=self.device)
+        x = denoise(self.transformer, latents.to(self.device), text, self.scheduler,
+                    guidance_scale, on_step=on_step)
+        if output_type == "latent":
+            return {"video": x} if return_dict else x
+        video = self.vae_decode(x)
+        if output_type == "mp4":
+            from ..video_io import save_video
+
+            path = save_video(video, output_file_name or "video.mp4")
+            return {"video": video, "path": path} if return_dict else video
+        return {"video": video} if return_dict else video
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise RuntimeError("no VAE: call setup_api(vae_url, caption_url) or pass vae= to the pipeline")
+        return self.vae.decode(latents)

@@ -1,0 +1,331 @@
+"""The Step-Video-T2V DiT: 48 blocks of self-attention (3D RoPE, QK-norm), text cross-attention
+and a GELU MLP, modulated by AdaLN-Single, over frame-major video tokens.
+
+Module and parameter names are the checkpoint's names, so the official
+``transformer/diffusion_pytorch_model-*.safetensors`` load without a key table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..parallel.plan import LocalPlan
+from ..weights import (CheckpointError, find_weight_files, load_safetensors, load_state_dict_strict,
+                       read_json, save_sharded)
+from .attention import attention
+from .layers import RMSNorm, modulate, timestep_sinusoid
+from .rope import ROPE_SPLIT, apply_rope, rope_tables
+
+# Keys of the official transformer/config.json that do not change the computation here.
+IGNORED_CONFIG_KEYS = ("_class_name", "_diffusers_version", "attention_type", "norm_type",
+                       "dropout")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """``transformer/config.json``; defaults are the released 30B model."""
+
+    num_attention_heads: int = 48
+    attention_head_dim: int = 128
+    in_channels: int = 64
+    out_channels: int = 64
+    num_layers: int = 48
+    patch_size: int = 1
+    norm_eps: float = 1e-6
+    norm_elementwise_affine: bool = False
+    use_additional_conditions: bool = False
+    caption_channels: tuple[int, int] = (6144, 1024)
+
+    def __post_init__(self):
+        object.__setattr__(self, "caption_channels", tuple(self.caption_channels))
+        if len(self.caption_channels) != 2:
+            raise ValueError(f"caption_channels must be [llm_dim, clip_dim], got {self.caption_channels}")
+        if self.attention_head_dim != sum(ROPE_SPLIT):
+            raise ValueError(f"attention_head_dim must be {sum(ROPE_SPLIT)} (3D RoPE splits a head "
+                             f"into {list(ROPE_SPLIT)}), got {self.attention_head_dim}")
+        for name in ("num_attention_heads", "in_channels", "out_channels", "num_layers", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.use_additional_conditions:
+            raise ValueError("use_additional_conditions=True is not part of any released "
+                             "Step-Video checkpoint and is not supported")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "DiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - known - set(IGNORED_CONFIG_KEYS))
+        if unknown:
+            raise TypeError(f"unknown DiT config key(s) {unknown}; expected keys of "
+                            f"transformer/config.json: {sorted(known)}")
+        return cls(**{k: v for k, v in cfg.items() if k in known})
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(256, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t_freq: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(t_freq)))
+
+
+class _Embedders(nn.Module):
+    """Holds ``timestep_embedder`` so the checkpoint path ``adaln_single.emb.*`` matches."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(dim)
+
+
+class AdaLNSingle(nn.Module):
+    """t in [0,1] -> (block modulation (B, 6D), embedded timestep (B, D))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.emb = _Embedders(dim)
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t_freq = timestep_sinusoid(timestep * 1000, 256).to(self.linear.weight.dtype)  # (B, 256)
+        emb = self.emb.timestep_embedder(t_freq)  # (B, D)
+        return self.linear(self.silu(emb)), emb
+
+
+class CaptionProjection(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(y)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B*F, C, H, W) -> (B*F, h*w, D)."""
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = RMSNorm(head_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.wqkv(x).view(b, s, -1, 3 * self.head_dim)  # per head [q_h | k_h | v_h]
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, S, H, d) each
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        out = plan.self_attention(q, k, v)  # (B, S, H, d)
+        return self.wo(out.reshape(b, s, -1))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = RMSNorm(head_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                kv_lens: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_norm(self.wq(x).view(b, s, -1, self.head_dim))  # (B, S, H, d)
+        kv = self.wkv(context).view(b, context.shape[1], -1, 2 * self.head_dim)
+        k, v = kv.split(self.head_dim, dim=-1)  # per head [k_h | v_h]
+        out = attention(q, self.k_norm(k), v, kv_lens)
+        return self.wo(out.reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(_GeluProj(dim, mult * dim), nn.Identity(),
+                                 nn.Linear(mult * dim, dim, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _GeluProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(self.proj(x), approximate="tanh")
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim, heads, hd = cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = SelfAttention(dim, heads, hd)
+        self.attn2 = CrossAttention(dim, heads, hd)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, t_mod, cos, sin, kv_lens, plan):
+        mods = self.scale_shift_table[None] + t_mod.view(x.shape[0], 6, -1)  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
+        x = x + gate_msa * self.attn1(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin, plan)
+        x = x + self.attn2(x, context, kv_lens)
+        x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class StepVideoModel(nn.Module):
+    """The DiT. Keywords are the keys of ``transformer/config.json``.
+
+    ``forward(hidden_states (B,F,C,H,W), timestep (B,) in [0,1], encoder_hidden_states (B,Ly,6144),
+    encoder_hidden_states_2 (B,Lc,1024), encoder_attention_mask (B, Lc+Ly))`` predicts the
+    flow-matching velocity (B,F,C,H,W).
+    """
+
+    def __init__(self, **config):
+        super().__init__()
+        cfg = config.pop("config", None) or DiTConfig.from_dict(config)
+        self.config = cfg
+        dim = cfg.inner_dim
+        llm_dim, clip_dim = cfg.caption_channels
+        self.pos_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, dim)
+        self.adaln_single = AdaLNSingle(dim)
+        self.caption_norm = nn.LayerNorm(llm_dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.caption_projection = CaptionProjection(llm_dim, dim)
+        self.clip_projection = nn.Linear(clip_dim, dim)
+        self.transformer_blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm_out = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
+        self.proj_out = nn.Linear(dim, cfg.patch_size ** 2 * cfg.out_channels)
+        self.plan = LocalPlan()
+
+    @classmethod
+    def from_config(cls, cfg: DiTConfig) -> "StepVideoModel":
+        return cls(config=cfg)
+
+    # --- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "StepVideoModel":
+        """Load ``model_dir`` (the ``transformer/`` folder, or a model root holding one)."""
+        if os.path.isdir(os.path.join(model_dir, "transformer")):
+            model_dir = os.path.join(model_dir, "transformer")
+        files = check_checkpoint_dir(model_dir)
+        cfg = DiTConfig.from_dict(read_json(os.path.join(model_dir, "config.json"), "DiT config"))
+        with torch.device("meta"):
+            model = cls(config=cfg)
+        state = load_safetensors(files, dtype=dtype, device=device)
+        load_state_dict_strict(model, state, what=f"DiT checkpoint {model_dir}")
+        return model.eval()
+
+    def save_pretrained(self, transformer_dir: str, num_shards: int = 2,
+                        dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` + sharded safetensors + index in the official layout."""
+        import json
+
+        os.makedirs(transformer_dir, exist_ok=True)
+        cfg = dataclasses.asdict(self.config)
+        cfg["caption_channels"] = list(cfg["caption_channels"])
+        with open(os.path.join(transformer_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({"_class_name": "StepVideoModel", **cfg}, f, indent=2)
+        save_sharded(self.state_dict(), transformer_dir, DIT_INDEX,
+                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", num_shards, dtype)
+
+    # --- forward -------------------------------------------------------------------------
+
+    def text_context(self, y: torch.Tensor, clip: torch.Tensor,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[CLIP tokens, LLM tokens] projected to D, cut to the longest valid length."""
+        context = torch.cat([self.clip_projection(clip),
+                             self.caption_projection(self.caption_norm(y))], dim=1)  # (B, Lc+Ly, D)
+        if mask is None:
+            return context, None
+        kv_lens = mask.sum(dim=-1).long()  # the mask is a prefix of ones
+        return context[:, : int(kv_lens.max())], kv_lens
+
+    def unpatchify(self, x: torch.Tensor, frames: int, h: int, w: int) -> torch.Tensor:
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.view(-1, frames, h, w, p, p, c)
+        return x.permute(0, 1, 6, 2, 4, 3, 5).reshape(-1, frames, c, h * p, w * p)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: torch.Tensor,
+                encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
+        self._check_inputs(hidden_states, encoder_hidden_states, encoder_hidden_states_2)
+        b, f, c, hh, ww = hidden_states.shape
+        p = self.config.patch_size
+        h, w = hh // p, ww // p
+        x = self.pos_embed(hidden_states.flatten(0, 1))  # (B*F, h*w, D)
+        x = x.reshape(b, f * h * w, -1)  # (B, F*h*w, D), frame-major
+        t_mod, t_emb = self.adaln_single(timestep.reshape(-1).expand(b))  # (B, 6D), (B, D)
+        context, kv_lens = self.text_context(encoder_hidden_states, encoder_hidden_states_2,
+                                             encoder_attention_mask)
+        cos, sin = rope_tables(f, h, w, self.config.attention_head_dim, device=x.device)
+        x, cos, sin = self.plan.shard(x, 1), self.plan.shard(cos, 0), self.plan.shard(sin, 0)
+        for block in self.transformer_blocks:
+            x = block(x, context, t_mod, cos, sin, kv_lens, self.plan)
+        x = self.plan.gather(x, 1)  # (B, F*h*w, D)
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, F*h*w, p*p*C)
+        out = self.unpatchify(x, f, h, w)
+        return {"x": out} if return_dict else out
+
+    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor, clip: torch.Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 5 or x.shape[2] != cfg.in_channels:
+            raise ValueError(f"hidden_states must be (B, F, {cfg.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        if x.shape[3] % cfg.patch_size or x.shape[4] % cfg.patch_size:
+            raise ValueError(f"latent H, W {tuple(x.shape[3:])} must be multiples of the patch "
+                             f"size {cfg.patch_size}")
+        llm_dim, clip_dim = cfg.caption_channels
+        if y.dim() != 3 or y.shape[-1] != llm_dim or y.shape[0] != x.shape[0]:
+            raise ValueError(f"encoder_hidden_states must be ({x.shape[0]}, L, {llm_dim}), "
+                             f"got {tuple(y.shape)}")
+        if clip.dim() != 3 or clip.shape[-1] != clip_dim or clip.shape[0] != x.shape[0]:
+            raise ValueError(f"encoder_hidden_states_2 must be ({x.shape[0]}, L, {clip_dim}), "
+                             f"got {tuple(clip.shape)}")
+
+
+DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIT_SINGLE = "diffusion_pytorch_model.safetensors"
+
+
+def check_checkpoint_dir(transformer_dir: str) -> list[str]:
+    """The weight files of a complete ``transformer/`` directory, or a CheckpointError."""
+    if not os.path.isdir(transformer_dir):
+        raise CheckpointError(f"DiT directory {transformer_dir} does not exist; pass --model_dir "
+                              "pointing at the downloaded stepvideo-t2v folder")
+    if not os.path.isfile(os.path.join(transformer_dir, "config.json")):
+        raise CheckpointError(f"{transformer_dir} has no config.json; it is not a transformer/ "
+                              "folder of the official layout")
+    return find_weight_files(transformer_dir, DIT_INDEX, DIT_SINGLE)

@@ -1,0 +1,45 @@
+"""3D rotary position embedding: head channels split [64, 32, 32] for (frame, row, column).
+
+Each part is a rotate-half (NeoX) 1D RoPE with base 10000 and its own width in the exponent.
+Tables are computed once per video shape in float32 (the public release computes the angles in
+the activation dtype, which in bf16 loses precision) and applied in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROPE_SPLIT = (64, 32, 32)
+
+
+def rope_tables(frames: int, height: int, width: int, head_dim: int = 128,
+                split: tuple[int, int, int] = ROPE_SPLIT, base: float = 10000.0,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (F*H*W, head_dim), tokens in frame-major order."""
+    if sum(split) != head_dim:
+        raise ValueError(f"RoPE split {split} must sum to the head dim {head_dim}")
+    grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device)
+                             for n in (frames, height, width)), indexing="ij")
+    angles = []
+    for pos, d in zip(grids, split):
+        inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+        a = pos.reshape(-1, 1) * inv_freq  # (S, d/2)
+        angles.append(torch.cat([a, a], dim=-1))  # (S, d)
+    theta = torch.cat(angles, dim=-1)  # (S, head_dim)
+    return theta.cos(), theta.sin()
+
+
+def _rotate_half(x: torch.Tensor, split: tuple[int, ...]) -> torch.Tensor:
+    parts = []
+    for p in x.split(list(split), dim=-1):
+        a, b = p.chunk(2, dim=-1)
+        parts.append(torch.cat([-b, a], dim=-1))
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               split: tuple[int, int, int] = ROPE_SPLIT) -> torch.Tensor:
+    """Rotate x (B, S, H, D) by tables (S, D); computed in float32, returned in x's dtype."""
+    xf = x.float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (xf * cos + _rotate_half(xf, split) * sin).to(x.dtype)

@@ -1,0 +1,209 @@
+"""The DiT against the conformance vectors, its loader, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conformance import assert_close, load_json, load_tensors
+from stepvideo.modules.layers import timestep_sinusoid
+from stepvideo.modules.model import DiTConfig, StepVideoModel
+from stepvideo.modules.rope import apply_rope, rope_tables
+from stepvideo.weights import CheckpointError, load_state_dict_strict
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_json("dit_small.json")
+
+
+@pytest.fixture(scope="module")
+def model(spec):
+    with torch.device("meta"):
+        m = StepVideoModel(**spec["config"])
+    load_state_dict_strict(m, load_tensors(spec["weights"]["file"], torch.float32))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def io():
+    return load_tensors("dit_small_io.safetensors")
+
+
+def _call(model, io, return_dict=False):
+    return model(io["hidden_states"], io["timestep"], io["encoder_hidden_states"],
+                 io["encoder_hidden_states_2"], io["encoder_attention_mask"], return_dict=return_dict)
+
+
+@torch.no_grad()
+def test_forward_matches_official(model, io, spec):
+    assert_close(_call(model, io), io["output"], spec["tolerance"], "DiT output")
+    assert_close(_call(model, io, True)["x"], io["output"], spec["tolerance"], "return_dict")
+
+
+@torch.no_grad()
+def test_intermediates_match_official(model, io, spec):
+    ref = load_tensors("dit_small_intermediates.safetensors")
+    tol = spec["tolerance"]
+    seen = {}
+    hooks = [model.pos_embed.register_forward_hook(lambda m, a, o: seen.__setitem__("pos_embed_out", o)),
+             model.transformer_blocks[0].register_forward_pre_hook(
+                 lambda m, a: seen.__setitem__("block_input_hidden", a[0]))]
+    for i, blk in enumerate(model.transformer_blocks):
+        hooks.append(blk.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(f"block{i}_out", o)))
+    _call(model, io)
+    for h in hooks:
+        h.remove()
+    t_mod, t_emb = model.adaln_single(io["timestep"])
+    seen["adaln_time_proj"] = timestep_sinusoid(io["timestep"] * 1000, 256)
+    seen["adaln_timestep_mod"], seen["adaln_embedded_timestep"] = t_mod, t_emb
+    seen["caption_projection_out"] = model.caption_projection(model.caption_norm(io["encoder_hidden_states"]))
+    seen["clip_projection_out"] = model.clip_projection(io["encoder_hidden_states_2"])
+    ctx, kv_lens = model.text_context(io["encoder_hidden_states"], io["encoder_hidden_states_2"],
+                                      io["encoder_attention_mask"])
+    seen["block_input_kv"] = ctx
+    mask = torch.arange(ctx.shape[1])[None, None, :] < kv_lens[:, None, None]
+    seen["block_attn_mask"] = mask.expand(-1, ref["block_attn_mask"].shape[1], -1).to(torch.uint8)
+    assert set(ref) <= set(seen), f"untested intermediates: {set(ref) - set(seen)}"
+    for name, expected in ref.items():
+        assert_close(seen[name].float(), expected.float(), tol, name)
+
+
+def test_rope3d_matches_official(spec):
+    io = load_tensors(spec["rope3d"]["file"])
+    f, h, w = (int(n) for n in re.search(r"rope_positions=\[(\d+),\s*(\d+),\s*(\d+)\]",
+                                         spec["rope3d"]["call"]).groups())
+    cos, sin = rope_tables(f, h, w, io["x"].shape[-1])
+    assert_close(apply_rope(io["x"], cos, sin), io["output"], spec["tolerance"], "rope3d")
+
+
+def test_rope_is_position_sensitive(spec):
+    """Feeding one shard's tokens another shard's positions must change the result."""
+    io = load_tensors(spec["rope3d"]["file"])
+    cos, sin = rope_tables(3, 4, 6, io["x"].shape[-1])
+    shifted = apply_rope(io["x"], cos.roll(24, 0), sin.roll(24, 0))
+    assert (shifted - io["output"]).abs().max() > 1e-2
+
+
+def test_full_size_keys_match_manifest():
+    manifest = load_json("manifest_dit_full.json")
+    with torch.device("meta"):
+        m = StepVideoModel(**manifest["config"])
+    ours = {k: list(v.shape) for k, v in m.state_dict().items()}
+    theirs = {k["name"]: k["shape"] for k in manifest["keys"]}
+    assert ours == theirs
+    assert sum(v.numel() for v in m.state_dict().values()) == manifest["num_params"]
+    assert len(ours) == manifest["num_keys"]
+
+
+# --- loading from the official layout -------------------------------------------------------
+
+@pytest.fixture
+def ckpt(tmp_path, model):
+    d = tmp_path / "transformer"
+    model.save_pretrained(str(d), num_shards=3, dtype=torch.bfloat16)
+    return d
+
+
+def test_from_pretrained_roundtrip(ckpt, model, io, spec):
+    assert len(list(ckpt.glob("diffusion_pytorch_model-*-of-00003.safetensors"))) == 3
+    loaded = StepVideoModel.from_pretrained(str(ckpt.parent))  # the model root works too
+    with torch.no_grad():
+        assert_close(_call(loaded, io), io["output"], spec["tolerance"], "reloaded")
+    bf16 = StepVideoModel.from_pretrained(str(ckpt), dtype=torch.bfloat16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def _rewrite_first_shard(ckpt, edit):
+    index = json.loads((ckpt / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    tensors = load_tensors_file(ckpt / shard)
+    edit(tensors)
+    save_file(tensors, str(ckpt / shard))
+
+
+def load_tensors_file(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_missing_tensor_is_named(ckpt):
+    _rewrite_first_shard(ckpt, lambda t: t.pop("pos_embed.proj.bias"))
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): pos_embed.proj.bias"):
+        StepVideoModel.from_pretrained(str(ckpt))
+
+
+def test_extra_tensor_is_named(ckpt):
+    _rewrite_first_shard(ckpt, lambda t: t.__setitem__("bogus.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\): bogus.weight"):
+        StepVideoModel.from_pretrained(str(ckpt))
+
+
+def test_wrong_shape_is_named(ckpt):
+    _rewrite_first_shard(ckpt, lambda t: t.__setitem__("pos_embed.proj.bias", torch.zeros(7)))
+    with pytest.raises(CheckpointError, match=r"pos_embed.proj.bias: checkpoint \(7,\) vs model"):
+        StepVideoModel.from_pretrained(str(ckpt))
+
+
+def test_truncated_shard_is_reported(ckpt):
+    shard = sorted(ckpt.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"cannot read .*{shard.name}.*truncated or corrupt"):
+        StepVideoModel.from_pretrained(str(ckpt))
+
+
+def test_missing_shard_and_directory(ckpt, tmp_path):
+    sorted(ckpt.glob("*.safetensors"))[0].unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete: the index lists 3 shard\(s\) but 1 are missing"):
+        StepVideoModel.from_pretrained(str(ckpt))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        StepVideoModel.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        StepVideoModel.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_bad_configs_are_explained(spec):
+    with pytest.raises(ValueError, match="attention_head_dim must be 128"):
+        DiTConfig(num_attention_heads=3, attention_head_dim=100)
+    with pytest.raises(TypeError, match=r"unknown DiT config key\(s\) \['hidden'\]"):
+        StepVideoModel(**spec["config"], hidden=3)
+    # the official config keys that change nothing are accepted
+    DiTConfig.from_dict({**spec["config"], "norm_type": "ada_norm_single", "dropout": 0.0,
+                         "_class_name": "StepVideoModel", "_diffusers_version": "0.31.0"})
+
+
+def test_config_not_matching_weights(tmp_path, model, spec):
+    d = tmp_path / "t"
+    model.save_pretrained(str(d))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_attention_heads"] += 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        StepVideoModel.from_pretrained(str(d))
+
+
+def test_bad_input_shapes(model, io):
+    x = io["hidden_states"]
+    with pytest.raises(ValueError, match=r"hidden_states must be \(B, F, 16, H, W\)"):
+        model(x[:, :, :3], io["timestep"], io["encoder_hidden_states"], io["encoder_hidden_states_2"])
+    with pytest.raises(ValueError, match="encoder_hidden_states must be"):
+        model(x, io["timestep"], io["encoder_hidden_states"][..., :5], io["encoder_hidden_states_2"])
+
+
+def test_import_has_no_side_effects():
+    """Importing parses no command line (a bogus flag is ignored) and does not touch CUDA."""
+    code = ("import stepvideo, stepvideo.modules.model, stepvideo.diffusion.video_pipeline, torch;"
+            "assert not torch.cuda.is_initialized();"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, "--bogus-flag"], capture_output=True, text=True,
+                         env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
