@@ -1,1 +1,67 @@
+"""The parallel seam: process groups, the sequence-parallel plan, tensor-parallel linears and the
+CFG split, behind ``setup_parallel``. ``backend='torch'`` (torch.distributed; gloo on CPU, NCCL on
+GPUs) always works; ``backend='xfuser'`` uses xDiT's long-context attention on GPUs."""
 
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import ParallelConfig
+from .plan import LocalPlan
+
+__all__ = ["ParallelConfig", "ParallelContext", "LocalPlan", "setup_parallel", "BACKENDS"]
+
+BACKENDS = ("torch", "xfuser")
+
+
+@dataclass
+class ParallelContext:
+    """What the runner needs from the parallel layer for one rank."""
+
+    config: ParallelConfig
+    rank: int = 0
+    world_size: int = 1
+    groups: object = None
+    plan: object = field(default_factory=LocalPlan)
+    velocity: Callable | None = None  # None: the single-group CFG velocity
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def apply(self, model) -> None:
+        """Install the sequence plan and the tensor-parallel linears on a loaded DiT."""
+        model.plan = self.plan
+        if self.groups is not None:
+            from .torch_backend import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.groups)
+
+
+def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch",
+                   device_type: str = "cpu") -> ParallelContext:
+    """Validate the degrees against the launch, initialise the process groups and build the plan."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config.validate(world, num_heads)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown parallel backend {backend!r}; choose one of {list(BACKENDS)}")
+    if world == 1:
+        return ParallelContext(config)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    from .torch_backend import Groups, UlyssesPlan, cfg_parallel_velocity
+
+    groups = Groups(config, rank)
+    if backend == "xfuser":
+        from .xfuser_backend import XFuserPlan
+
+        plan = XFuserPlan(groups)
+    else:
+        plan = UlyssesPlan(groups) if config.sp_degree > 1 else LocalPlan()
+    velocity = cfg_parallel_velocity(groups) if config.cfg_degree == 2 else None
+    return ParallelContext(config, rank, world, groups, plan, velocity)

@@ -1,0 +1,193 @@
+"""torch.distributed backend of the parallel layer: Ulysses (+ a gathered-KV ring), tensor
+parallel linears and the CFG split. NCCL on GPUs, gloo on CPU.
+
+The model is untouched: ``UlyssesPlan`` replaces ``model.plan`` (shard tokens after patchify,
+gather before the final layer, all-to-all around self-attention) and ``apply_tensor_parallel``
+swaps linears for sharded wrappers, as gpt-fast's tp.py does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..modules.attention import attention
+from .config import ParallelConfig
+
+
+class Groups:
+    """Process groups of one rank: sequence (ulysses, ring, both), tensor, cfg."""
+
+    def __init__(self, cfg: ParallelConfig, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.coords = cfg.coords(rank)
+        world = cfg.world_size
+        u, r, t = cfg.ulysses_degree, cfg.ring_degree, cfg.tensor_parallel_degree
+        by = {"ulysses": [], "ring": [], "sp": [], "tp": [], "cfg": []}
+        for rk in range(world):  # every rank creates every group, in the same order
+            c = cfg.coords(rk)
+            key = {"ulysses": (c["ring"], c["tp"], c["cfg"]), "ring": (c["ulysses"], c["tp"], c["cfg"]),
+                   "sp": (c["tp"], c["cfg"]), "tp": (c["ulysses"], c["ring"], c["cfg"]),
+                   "cfg": (c["ulysses"], c["ring"], c["tp"])}
+            for name, k in key.items():
+                by[name].append((k, rk))
+        self.groups = {}
+        for name, pairs in by.items():
+            keys = sorted({k for k, _ in pairs})
+            for k in keys:
+                members = [rk for kk, rk in pairs if kk == k]
+                g = dist.new_group(members)
+                if rank in members:
+                    self.groups[name] = (g, members)
+        self.sp_rank = self.coords["ring"] * u + self.coords["ulysses"]
+
+    def group(self, name: str):
+        return self.groups[name][0]
+
+    def size(self, name: str) -> int:
+        return len(self.groups[name][1])
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Exchange equal chunks of dim 0 between the ranks of ``group``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)  # same (contiguous) strides as x, as all_to_all_single writes
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class UlyssesPlan:
+    """Sequence parallelism over ``ulysses x ring`` ranks.
+
+    Tokens are split evenly (zero-padded at the end when the count does not divide); padded keys
+    are masked out of self-attention and padded rows dropped by ``gather``, so padding changes
+    nothing. Self-attention: all-to-all (B, S/U, H, d) -> (B, S, H/U, d) over the ulysses group;
+    across the ring group the keys and values are all-gathered (exact, not memory-bounded: the
+    xfuser backend provides the true ring kernel on GPUs).
+    """
+
+    def __init__(self, groups: Groups):
+        self.g = groups
+        self.world_size = groups.cfg.sp_degree
+        self.seq_len: int | None = None
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        n, p = x.shape[dim], self.world_size
+        self.seq_len = n
+        padded = -(-n // p) * p
+        if padded != n:
+            pad_shape = list(x.shape)
+            pad_shape[dim] = padded - n
+            x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+        return x.chunk(p, dim=dim)[self.g.sp_rank].contiguous()
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        x = _all_gather(x, self.g.group("ulysses"), dim) if self.g.size("ulysses") > 1 else x
+        x = _all_gather(x, self.g.group("ring"), dim) if self.g.size("ring") > 1 else x
+        return x.narrow(dim, 0, self.seq_len)
+
+    def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.g.size("ulysses")
+        b, s, h, d = x.shape
+        x = x.reshape(b, s, u, h // u, d).permute(2, 0, 1, 3, 4)  # (U, B, S/U, H/U, d)
+        x = _all_to_all(x, self.g.group("ulysses"))  # dim 0 now indexes the sequence chunk
+        return x.permute(1, 0, 2, 3, 4).reshape(b, u * s, h // u, d)
+
+    def _heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.g.size("ulysses")
+        b, s, h, d = x.shape
+        x = x.reshape(b, u, s // u, h, d).permute(1, 0, 2, 3, 4)  # (U, B, S/U, H/U, d)
+        x = _all_to_all(x, self.g.group("ulysses"))  # dim 0 now indexes the head chunk
+        return x.permute(1, 2, 0, 3, 4).reshape(b, s // u, u * h, d)
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ulysses = self.g.size("ulysses") > 1
+        if ulysses:
+            q, k, v = (self._seq_to_heads(t) for t in (q, k, v))
+        if self.g.size("ring") > 1:
+            k = _all_gather(k, self.g.group("ring"), 1)
+            v = _all_gather(v, self.g.group("ring"), 1)
+        kv_lens = None
+        if k.shape[1] != self.seq_len:  # padded tokens sit at the end: mask them as keys
+            kv_lens = torch.full((q.shape[0],), self.seq_len, dtype=torch.long, device=q.device)
+        out = attention(q, k, v, kv_lens)
+        return self._heads_to_seq(out) if ulysses else out
+
+
+class ColumnParallelLinear(nn.Module):
+    """Holds the rank's slice of output features; output stays sharded."""
+
+    def __init__(self, linear: nn.Linear, rank: int, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().chunk(size, 0)[rank].clone(),
+                                   requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().chunk(size, 0)[rank].clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Holds the rank's slice of input features; partial outputs are all-reduced."""
+
+    def __init__(self, linear: nn.Linear, rank: int, size: int, group):
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(linear.weight.detach().chunk(size, 1)[rank].clone(),
+                                   requires_grad=False)
+        if linear.bias is not None:
+            raise ValueError("row-parallel linears here have no bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+def apply_tensor_parallel(model: nn.Module, groups: Groups) -> None:
+    """Shard every block's attention heads and MLP hidden units over the tensor-parallel group.
+
+    Fused projections are laid out per head ([q_h|k_h|v_h], [k_h|v_h]), so contiguous row slices
+    hold whole heads and the attention code needs no change.
+    """
+    size = groups.size("tp")
+    if size == 1:
+        return
+    rank, group = groups.coords["tp"], groups.group("tp")
+    for block in model.transformer_blocks:
+        a1, a2, ff = block.attn1, block.attn2, block.ff
+        a1.wqkv = ColumnParallelLinear(a1.wqkv, rank, size)
+        a1.wo = RowParallelLinear(a1.wo, rank, size, group)
+        a2.wq = ColumnParallelLinear(a2.wq, rank, size)
+        a2.wkv = ColumnParallelLinear(a2.wkv, rank, size)
+        a2.wo = RowParallelLinear(a2.wo, rank, size, group)
+        ff.net[0].proj = ColumnParallelLinear(ff.net[0].proj, rank, size)
+        ff.net[2] = RowParallelLinear(ff.net[2], rank, size, group)
+
+
+def cfg_parallel_velocity(groups: Groups):
+    """A ``velocity`` for ``denoise``: each CFG group runs its half of [positive, negative] and the
+    halves are exchanged, halving each rank's DiT work."""
+    from ..diffusion.scheduler import cfg_combine
+
+    index, group = groups.coords["cfg"], groups.group("cfg")
+
+    def velocity(transformer, x, t, text, guidance):
+        dtype = next(transformer.parameters()).dtype
+        b = x.shape[0]
+        half = text.select(slice(index * b, (index + 1) * b))
+        v = transformer(x.to(dtype), t.expand(b).to(dtype), half.y, half.clip, half.mask,
+                        return_dict=False).float()
+        v_pos, v_neg = _all_gather(v, group, 0).chunk(2)
+        return cfg_combine(v_pos, v_neg, guidance)
+
+    return velocity
