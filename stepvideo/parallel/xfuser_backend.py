@@ -14,7 +14,15 @@ import torch
 
 from .torch_backend import Groups, UlyssesPlan
 
-ATTN_TYPES = ("fa", "torch")  # flash-attn 2 kernels, or PyTorch SDPA inside the ring
+# yunchang AttnType values we allow: flash-attn 2, or PyTorch's flash / memory-efficient SDPA kernels.
+ATTN_TYPES = ("fa", "torch_flash", "torch_efficient")
+
+
+def default_attn_type() -> str:
+    """flash-attn 2 when it imports, else PyTorch's flash kernel: always an explicit choice."""
+    import importlib.util
+
+    return "fa" if importlib.util.find_spec("flash_attn") is not None else "torch_flash"
 
 
 def _import_yunchang():
@@ -33,14 +41,16 @@ def _import_yunchang():
 class XFuserPlan(UlyssesPlan):
     """UlyssesPlan with the attention itself done by yunchang's LongContextAttention."""
 
-    def __init__(self, groups: Groups, attn_type: str = "fa"):
+    def __init__(self, groups: Groups, attn_type: str | None = None):
         super().__init__(groups)
+        attn_type = attn_type or default_attn_type()
         if attn_type not in ATTN_TYPES:
             raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
         yunchang, pg, attn_enum = _import_yunchang()
         pg.ULYSSES_PG, pg.RING_PG = groups.group("ulysses"), groups.group("ring")
-        kind = attn_enum.FA if attn_type == "fa" else attn_enum.TORCH
-        self.attn = yunchang.LongContextAttention(ring_impl_type="basic", attn_type=kind)
+        self.attn_type = attn_type
+        self.attn = yunchang.LongContextAttention(ring_impl_type="basic",
+                                                  attn_type=attn_enum.from_string(attn_type))
 
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if x.shape[dim] % self.world_size:
