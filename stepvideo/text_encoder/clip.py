@@ -1,0 +1,169 @@
+"""HunyuanCLIP (`hunyuan_clip/`): a Hugging Face BertModel with its BertTokenizer (SPEC section 6).
+
+Layout: ``hunyuan_clip/clip_text_encoder/{config.json, pytorch_model.bin}`` and
+``hunyuan_clip/tokenizer/{vocab.txt, tokenizer_config.json, special_tokens_map.json}``.
+Prompts are padded to max_length (77) and truncated; no token_type_ids are passed. The DiT uses
+``last_hidden_state`` at every position, padding included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from stepvideo.weights import CheckpointError, load_safetensors, load_state_dict_strict, read_json
+
+logger = logging.getLogger(__name__)
+
+ENCODER_DIR = "clip_text_encoder"
+TOKENIZER_DIR = "tokenizer"
+BIN_FILE = "pytorch_model.bin"
+SAFETENSORS_FILE = "model.safetensors"
+
+# Checkpoints saved from a model with a head (BertFor...) prefix the trunk with "bert.".
+_PREFIX = "bert."
+# Keys that BertModel does not own: older transformers saved position_ids as a persistent
+# buffer, and pre-training heads live under "cls.". They are dropped (and logged), nothing else.
+_DROPPED_KEYS = ("embeddings.position_ids",)
+_DROPPED_PREFIXES = ("cls.",)
+
+
+def build_bert(config: "BertConfig | Mapping[str, Any]",
+               device: "str | torch.device" = "meta") -> BertModel:
+    """BertModel with its pooler, SDPA attention and no dropout in eval mode."""
+    if not isinstance(config, BertConfig):
+        config = BertConfig(**dict(config))
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = BertModel(config, add_pooling_layer=True)
+    return model.eval()
+
+
+def _read_state_dict(encoder_dir: str) -> dict[str, torch.Tensor]:
+    st_path = os.path.join(encoder_dir, SAFETENSORS_FILE)
+    bin_path = os.path.join(encoder_dir, BIN_FILE)
+    if os.path.isfile(st_path):
+        return load_safetensors([st_path])
+    if not os.path.isfile(bin_path):
+        raise CheckpointError(f"{encoder_dir} holds neither {BIN_FILE} nor {SAFETENSORS_FILE}; "
+                              "it is not the hunyuan_clip/clip_text_encoder directory.")
+    try:
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"cannot read {bin_path} with weights_only=True: {e}. The file is "
+                              "corrupt or holds more than tensors; re-download it.") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{bin_path} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def to_bert_model_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip a leading "bert." and drop the keys BertModel does not own (see _DROPPED_*)."""
+    out, dropped = {}, []
+    for key, value in state.items():
+        key = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if key in _DROPPED_KEYS or key.startswith(_DROPPED_PREFIXES):
+            dropped.append(key)
+            continue
+        out[key] = value
+    if dropped:
+        logger.info("HunyuanClip: ignoring %d checkpoint key(s) BertModel does not own: %s",
+                    len(dropped), ", ".join(sorted(dropped)[:10]))
+    return out
+
+
+def _materialise_buffers(model: BertModel, device: "str | torch.device") -> None:
+    """Re-create BERT's non-persistent buffers (absent from checkpoints) after a meta build."""
+    emb = model.embeddings
+    length = model.config.max_position_embeddings
+    position_ids = torch.arange(length, device=device).expand((1, -1))
+    emb.register_buffer("position_ids", position_ids, persistent=False)
+    emb.register_buffer("token_type_ids", torch.zeros_like(position_ids), persistent=False)
+    left = [name for name, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"BertModel buffers {left} were not materialised; this transformers "
+                           "version added buffers that _materialise_buffers must create.")
+
+
+def load_bert(encoder_dir: str, dtype: torch.dtype = torch.float32,
+              device: "str | torch.device" = "cpu") -> BertModel:
+    """BertModel from ``encoder_dir/config.json`` built on meta, loaded strictly."""
+    config = BertConfig.from_dict(read_json(os.path.join(encoder_dir, "config.json"),
+                                            "HunyuanClip config"))
+    model = build_bert(config, device="meta")
+    state = to_bert_model_keys(_read_state_dict(encoder_dir))
+    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+             for k, v in state.items()}
+    load_state_dict_strict(model, state, what=f"HunyuanClip checkpoint in {encoder_dir}")
+    _materialise_buffers(model, device)
+    return model.eval()
+
+
+def load_tokenizer(tokenizer_dir: str) -> BertTokenizer:
+    if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.txt")):
+        raise CheckpointError(f"HunyuanClip tokenizer: {tokenizer_dir}/vocab.txt does not exist; "
+                              "hunyuan_clip/tokenizer must hold the BertTokenizer files.")
+    return BertTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+class HunyuanClip(nn.Module):
+    """``HunyuanClip(model_dir)(prompts) -> (last_hidden_state (B, L, C), pooler_output (B, C))``."""
+
+    def __init__(self, model_dir: str, max_length: int = 77, dtype: torch.dtype = torch.float32,
+                 device: "str | torch.device" = "cpu"):
+        super().__init__()
+        self.max_length = max_length
+        self.tokenizer = load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR))
+        self.text_encoder = load_bert(os.path.join(model_dir, ENCODER_DIR), dtype, device)
+
+    def tokenize(self, prompts: "str | Sequence[str]") -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both (B, max_length) int64."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                               truncation=True, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    @torch.no_grad()
+    def forward(self, prompts: "str | Sequence[str]") -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, mask = self.tokenize(prompts)
+        device = self.text_encoder.embeddings.word_embeddings.weight.device
+        out = self.text_encoder(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        return out.last_hidden_state, out.pooler_output
+
+
+def write_clip_dir(path: str, bert_config_dict: Mapping[str, Any],
+                   state_dict: Mapping[str, torch.Tensor], vocab_lines: Sequence[str],
+                   key_prefix: str = "", use_safetensors: bool = False) -> None:
+    """Write a `hunyuan_clip/` directory in the official layout (pytorch_model.bin by default;
+    ``key_prefix="bert."`` imitates a checkpoint saved from a model with a head)."""
+    enc_dir, tok_dir = os.path.join(path, ENCODER_DIR), os.path.join(path, TOKENIZER_DIR)
+    os.makedirs(enc_dir, exist_ok=True)
+    os.makedirs(tok_dir, exist_ok=True)
+    config = {"architectures": ["BertModel"], "model_type": "bert", **dict(bert_config_dict)}
+    _write_json(os.path.join(enc_dir, "config.json"), config)
+    tensors = {key_prefix + k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    if use_safetensors:
+        save_file(tensors, os.path.join(enc_dir, SAFETENSORS_FILE))
+    else:
+        torch.save(tensors, os.path.join(enc_dir, BIN_FILE))
+    with open(os.path.join(tok_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(line.rstrip("\n") + "\n" for line in vocab_lines))
+    _write_json(os.path.join(tok_dir, "tokenizer_config.json"),
+                {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                 "tokenize_chinese_chars": True, "strip_accents": None})
+    _write_json(os.path.join(tok_dir, "special_tokens_map.json"),
+                {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                 "cls_token": "[CLS]", "mask_token": "[MASK]"})
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)

@@ -1,0 +1,424 @@
+"""Step-1 text encoder (`step_llm/`): a decoder-only LLM whose last hidden states condition the DiT.
+
+Architecture (SPEC section 5, conformance quirks 27-29):
+  token embedding -> N x [x += attn(attention_norm(x)); x += swiglu(ffn_norm(x))] -> output
+with no final norm and no output head. Attention is causal GQA with a square-root ALiBi bias,
+score[h, i, j] = q_i.k_j / sqrt(d) - slope_h * sqrt(i - j) for j <= i. The public release hides
+that attention in a proprietary CUDA op; here it is plain PyTorch (SDPA with an additive bias, or
+FlexAttention with a score_mod) on every device.
+
+Tokenizer wrapper: ids = [1] + pieces[:max_length-2] + [2], padded with 2, mask 1 on real ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from stepvideo.modules.layers import RMSNorm
+from stepvideo.weights import (CheckpointError, find_weight_files, load_safetensors,
+                               load_state_dict_strict, read_json)
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILE = "step1_chat_tokenizer.model"
+
+BOS_ID = 1
+EOS_ID = 2
+PAD_ID = 2  # the same id as EOS
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step1Config:
+    """`step_llm/config.json` fields the model needs; defaults are the released model."""
+
+    hidden_size: int = 6144
+    num_layers: int = 48
+    num_attention_heads: int = 48
+    num_attention_groups: int = 8
+    ffn_hidden_size: int = 16896
+    padded_vocab_size: int = 65536
+    layernorm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_attention_groups",
+                     "ffn_hidden_size", "padded_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Step1Config.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_attention_groups:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                             f"num_attention_groups {self.num_attention_groups}")
+        if not self.layernorm_epsilon > 0:
+            raise ValueError(f"layernorm_epsilon must be > 0, got {self.layernorm_epsilon}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_inner_size(self) -> int:
+        """SwiGLU width: ffn_hidden_size rounded up to a multiple of 256."""
+        return 256 * math.ceil(self.ffn_hidden_size / 256)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Step1Config":
+        """Build from a config.json dict; other official keys (seq_length, use_flash_attn, ...)
+        are ignored because they do not change the inference graph."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def coerce(cls, config: "Step1Config | Mapping[str, Any] | Any") -> "Step1Config":
+        """Accept a Step1Config, a config dict, or any object with the same attributes."""
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls.from_dict({n: getattr(config, n) for n in names if hasattr(config, n)})
+
+
+PRESETS: dict[str, Step1Config] = {
+    "step1": Step1Config(),
+    # A few hundred thousand parameters: for tests and the CPU demo.
+    "tiny": Step1Config(hidden_size=64, num_layers=2, num_attention_heads=4,
+                        num_attention_groups=2, ffn_hidden_size=128, padded_vocab_size=512),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Square-root ALiBi attention
+# ----------------------------------------------------------------------------------------------
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """(heads,) float32. n = largest power of two <= heads: 2^(-8k/n) for k = 1..n, then
+    2^(-4(2m-1)/n) for m = 1..heads-n appended (not interleaved)."""
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    n = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * (2 * m - 1) / n) for m in range(1, num_heads - n + 1)]
+    return torch.tensor(slopes, dtype=torch.float64, device="cpu").float()
+
+
+def sqrt_alibi_bias(slopes: torch.Tensor, length: int) -> torch.Tensor:
+    """(heads, L, L) float32 additive bias: -slope_h * sqrt(i - j) for j <= i, -inf above."""
+    pos = torch.arange(length, device=slopes.device)
+    dist = (pos[:, None] - pos[None, :]).float()                             # (L, L): i - j
+    bias = -slopes.float()[:, None, None] * dist.clamp(min=0).sqrt()[None]  # (H, L, L)
+    return bias.masked_fill(dist[None] < 0, float("-inf"))
+
+
+class SqrtAlibiAttention:
+    """Causal GQA attention with square-root ALiBi; the backend is chosen once.
+
+    Call with q (B, H, L, d) and k, v (B, G, L, d); query head h uses kv group h // (H / G).
+    Backends:
+    - ``sdpa``: F.scaled_dot_product_attention with the (H, L, L) float bias, cached per
+      (L, device). Inputs in reduced precision are upcast to float32 for the attention so that the
+      bias is not rounded to bf16 (at L = 320 this costs nothing measurable).
+    - ``flex``: torch.nn.attention.flex_attention with a score_mod and a causal block mask;
+      compiled on CUDA, the unfused eager implementation elsewhere (a parity path on CPU).
+    """
+
+    BACKENDS = ("sdpa", "flex")
+
+    def __init__(self, num_heads: int, backend: str = "sdpa"):
+        if backend not in self.BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of "
+                             f"{list(self.BACKENDS)}")
+        self.num_heads = num_heads
+        self.backend = backend
+        self._slopes = alibi_slopes(num_heads)
+        self._cache: dict[tuple, Any] = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape[1] != self.num_heads:
+            raise ValueError(f"expected {self.num_heads} query heads, got q of shape "
+                             f"{tuple(q.shape)}")
+        if self.backend == "flex":
+            return self._flex(q, k, v)
+        return self._sdpa(q, k, v)
+
+    def slopes(self, device: torch.device) -> torch.Tensor:
+        key = ("slopes", str(device))
+        if key not in self._cache:
+            self._cache[key] = self._slopes.to(device)
+        return self._cache[key]
+
+    def bias(self, length: int, device: torch.device) -> torch.Tensor:
+        key = ("bias", length, str(device))
+        if key not in self._cache:
+            self._cache[key] = sqrt_alibi_bias(self.slopes(device), length)
+        return self._cache[key]
+
+    def _sdpa(self, q, k, v):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, L, d)
+        bias = self.bias(q.shape[2], q.device)                                   # (H, L, L)
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+        return out.to(q.dtype)
+
+    def _flex(self, q, k, v):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        length, device = q.shape[2], q.device
+        mask_key, mod_key = ("block_mask", length, str(device)), ("score_mod", str(device))
+        if mask_key not in self._cache:
+            self._cache[mask_key] = create_block_mask(_causal, None, None, length, length,
+                                                      device=device)
+        if mod_key not in self._cache:  # one function object per device: no recompiles
+            self._cache[mod_key] = _sqrt_alibi_score_mod(self.slopes(device))
+        kwargs = dict(score_mod=self._cache[mod_key], block_mask=self._cache[mask_key],
+                      enable_gqa=True)
+        if device.type == "cuda":
+            return _compiled_flex()(q, k, v, **kwargs)
+        with warnings.catch_warnings():  # the unfused CPU path is intentional here
+            warnings.filterwarnings("ignore", message="flex_attention called without")
+            return flex_attention(q, k, v, **kwargs)
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _sqrt_alibi_score_mod(slopes: torch.Tensor) -> Callable:
+    def score_mod(score, b, h, q_idx, kv_idx):
+        dist = (q_idx - kv_idx).clamp(min=0).to(score.dtype)
+        return score - slopes[h] * torch.sqrt(dist)
+    return score_mod
+
+
+_COMPILED_FLEX: list[Callable] = []
+
+
+def _compiled_flex() -> Callable:
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+class Step1Attention(nn.Module):
+    """wqkv: D -> [q (H*d) | kv (G * [k_g (d) | v_g (d)])]; wo: D -> D. No biases."""
+
+    def __init__(self, cfg: Step1Config):
+        super().__init__()
+        self.num_heads, self.num_groups, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_attention_groups, cfg.head_dim)
+        kv_size = 2 * cfg.head_dim * cfg.num_attention_groups
+        self.wqkv = nn.Linear(cfg.hidden_size, cfg.hidden_size + kv_size, bias=False)
+        self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, attend: SqrtAlibiAttention) -> torch.Tensor:
+        b, length, dim = x.shape
+        q, kv = self.wqkv(x).split([dim, 2 * self.head_dim * self.num_groups], dim=-1)
+        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)   # (B, H, L, d)
+        kv = kv.view(b, length, self.num_groups, 2 * self.head_dim).transpose(1, 2)
+        k, v = kv.split(self.head_dim, dim=-1)                                 # (B, G, L, d)
+        out = attend(q, k, v).transpose(1, 2).reshape(b, length, dim)          # (B, L, D)
+        return self.wo(out)
+
+
+class Step1FeedForward(nn.Module):
+    """SwiGLU: w1 (D -> 2F) split into halves a, b; w2(silu(a) * b). F = ffn rounded up to 256."""
+
+    def __init__(self, cfg: Step1Config):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_inner_size, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_inner_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w1(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+class Step1Block(nn.Module):
+    def __init__(self, cfg: Step1Config):
+        super().__init__()
+        # Registration order = the released state_dict order.
+        self.attention = Step1Attention(cfg)
+        self.feed_forward = Step1FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+    def forward(self, x: torch.Tensor, attend: SqrtAlibiAttention) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), attend)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Step1Model(nn.Module):
+    """The Step-1 LLM trunk. ``forward(input_ids (B, L)) -> (B, L, hidden)``, batch-first."""
+
+    def __init__(self, config: "Step1Config | Mapping[str, Any] | Any", attn_backend: str = "sdpa"):
+        super().__init__()
+        self.config = cfg = Step1Config.coerce(config)
+        self.attend = SqrtAlibiAttention(cfg.num_attention_heads, attn_backend)
+        self.tok_embeddings = nn.ModuleDict(
+            {"word_embeddings": nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)})
+        self.transformer = nn.ModuleDict(
+            {"layers": nn.ModuleList(Step1Block(cfg) for _ in range(cfg.num_layers))})
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask`` is accepted for API compatibility and not used: padding sits after
+        the text and attention is causal, so real tokens never see it (as in the release)."""
+        x = self.tok_embeddings["word_embeddings"](input_ids)  # (B, L, D)
+        for layer in self.transformer["layers"]:
+            x = layer(x, self.attend)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def pad_token_ids(token_ids: Sequence[Sequence[int]],
+                  max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per text: [BOS] + ids[:max_length-2] + [EOS], padded with PAD to max_length.
+
+    Returns (input_ids, mask), both (B, max_length) int64; mask is 1 on BOS..EOS. An empty list
+    of texts still gives one row [BOS, EOS, PAD, ...].
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (BOS and EOS), got {max_length}")
+    rows, masks = [], []
+    for ids in (token_ids if len(token_ids) else [[]]):
+        row = [BOS_ID, *list(ids)[:max_length - 2], EOS_ID]
+        masks.append([1] * len(row) + [0] * (max_length - len(row)))
+        rows.append(row + [PAD_ID] * (max_length - len(row)))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
+
+
+class StepTokenizer:
+    """The Step-1 sentencepiece tokenizer with the release's BOS/EOS/padding rule."""
+
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise CheckpointError(f"Step-1 tokenizer {model_path} does not exist; the step_llm "
+                                  f"directory must contain {TOKENIZER_FILE}.")
+        import sentencepiece
+
+        self.model_path = model_path
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def __call__(self, prompts: "str | Sequence[str]",
+                 max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return pad_token_ids([self.encode(p) for p in prompts], max_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder = tokenizer + model, loaded from the official directory
+# ----------------------------------------------------------------------------------------------
+
+def load_step1_model(model_dir: str, dtype: torch.dtype = torch.float32,
+                     device: "str | torch.device" = "cpu", attn_backend: str = "sdpa") -> Step1Model:
+    """Build Step1Model from ``model_dir/config.json`` on meta and load the shards strictly."""
+    config = Step1Config.from_dict(read_json(os.path.join(model_dir, CONFIG_FILE),
+                                             "Step-1 config"))
+    files = find_weight_files(model_dir, INDEX_FILE, SINGLE_FILE)
+    with torch.device("meta"):
+        model = Step1Model(config, attn_backend=attn_backend)
+    state = load_safetensors(files, dtype=dtype, device=device)
+    load_state_dict_strict(model, state, what=f"Step-1 checkpoint in {model_dir}")
+    return model.eval()
+
+
+class STEP1TextEncoder(nn.Module):
+    """``STEP1TextEncoder(model_dir)(prompts) -> (y (B, max_length, hidden), y_mask (B, max_length))``."""
+
+    def __init__(self, model_dir: str, max_length: int = 320, dtype: torch.dtype = torch.float32,
+                 device: "str | torch.device" = "cpu", attn_backend: str = "sdpa"):
+        super().__init__()
+        tokenizer = StepTokenizer(os.path.join(model_dir, TOKENIZER_FILE))  # fail before loading
+        self._setup(load_step1_model(model_dir, dtype, device, attn_backend), tokenizer,
+                    max_length)
+
+    @classmethod
+    def from_model(cls, model: Step1Model, tokenizer: StepTokenizer,
+                   max_length: int = 320) -> "STEP1TextEncoder":
+        """Wrap an already-built model and tokenizer (tests, custom loading)."""
+        encoder = cls.__new__(cls)
+        nn.Module.__init__(encoder)
+        encoder._setup(model, tokenizer, max_length)
+        return encoder
+
+    def _setup(self, model: Step1Model, tokenizer: StepTokenizer, max_length: int) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+    @torch.no_grad()
+    def forward(self, prompts: "str | Sequence[str]") -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, mask = self.tokenizer(prompts, self.max_length)  # (B, L) each
+        device = self.model.tok_embeddings["word_embeddings"].weight.device
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        return self.model(input_ids, mask), mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the official layout (tests, the tiny model)
+# ----------------------------------------------------------------------------------------------
+
+def write_step1_dir(path: str, config: "Step1Config | Mapping[str, Any]",
+                    state_dict: Mapping[str, torch.Tensor], tokenizer_model_path: str,
+                    num_shards: int = 2) -> None:
+    """Write a `step_llm/` directory: config.json, model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json (or one model.safetensors when num_shards == 1), and the
+    sentencepiece model as step1_chat_tokenizer.model. Tensors are written as given."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    os.makedirs(path, exist_ok=True)
+    config_dict = (dataclasses.asdict(config) if isinstance(config, Step1Config)
+                   else dict(config))
+    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config_dict, f, indent=2)
+    shutil.copyfile(tokenizer_model_path, os.path.join(path, TOKENIZER_FILE))
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    if num_shards == 1:
+        save_file(tensors, os.path.join(path, SINGLE_FILE))
+        return
+    _write_shards(path, tensors, num_shards)
+
+
+def _write_shards(path: str, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
+    keys = list(tensors)
+    num_shards = min(num_shards, len(keys))
+    per_shard = math.ceil(len(keys) / num_shards)
+    weight_map = {}
+    for i in range(num_shards):
+        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i * per_shard:(i + 1) * per_shard]}
+        save_file(part, os.path.join(path, name))
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
