@@ -97,7 +97,8 @@ def rename_keys(state: Mapping[str, torch.Tensor],
     out = {}
     for key, value in state.items():
         for old, new in rules.items():
-            if key.startswith(old) and not key.startswith(new):
+            already = new.startswith(old) and key.startswith(new)  # e.g. a checkpoint already renamed
+            if key.startswith(old) and not already:
                 key = new + key[len(old):]
                 break
         out[key] = value

@@ -1,0 +1,620 @@
+"""Step-Video Video-VAE, version 2 (64 latent channels, 16x spatial and 17->3 temporal compression).
+
+A video is handled in independent chunks: 17 frames encode to 3 latent frames and 3 latent frames
+decode to 17 frames. Inside a chunk every temporal operation is causal (zero frames are padded in
+front), every GroupNorm normalises each frame on its own, and the mid-block attention is causal over
+the flattened (t, h, w) token order. After decoding, neighbouring chunks are blended at their seam.
+
+Tensors inside the encoder/decoder are (B, C, T, H, W); the public methods take and return
+(B, T, C, H, W) like the release. Module names are the release's state-dict names, so a checkpoint
+loads with a single rename (``CHECKPOINT_RENAMES``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepvideo.weights import (CheckpointError, load_safetensors, load_state_dict_strict,
+                               rename_keys)
+
+FRAMES_PER_CHUNK = 17        # video frames per independent chunk
+LATENTS_PER_CHUNK = 3        # latent frames per chunk
+SPATIAL_FACTOR = 16          # pixels per latent pixel (each side)
+NORM_GROUPS = 32
+SEAM_KEEP = 0.6              # chunk blend: new = 0.6 * itself + 0.4 * neighbour
+CHECKPOINT_FILE = "vae_v2.safetensors"
+
+# Released-checkpoint prefix -> module prefix. The release stores the last decoder conv as
+# `decoder.conv_out.*`; here (as in the release's modules) it is a causal conv with a `.conv` child.
+CHECKPOINT_RENAMES: Mapping[str, str] = {"decoder.conv_out.": "decoder.conv_out.conv."}
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Constructor arguments of :class:`AutoencoderKL`; the defaults are the released model."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    z_channels: int = 64
+    num_res_blocks: int = 2
+    version: int = 2
+    encoder_ch: int = 32
+    encoder_ch_mult: tuple[int, ...] = (4, 8, 16, 16)
+    decoder_ch: int = 128
+    decoder_ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+
+    def __post_init__(self):
+        object.__setattr__(self, "encoder_ch_mult", tuple(self.encoder_ch_mult))
+        object.__setattr__(self, "decoder_ch_mult", tuple(self.decoder_ch_mult))
+        if self.version != 2:
+            raise ValueError(f"VAE version {self.version} is not supported: only the version-2 VAE "
+                             "(vae_v2.safetensors, 64 latent channels) is implemented; the v1 VAE "
+                             "(vae.safetensors) is out of scope.")
+        for name in ("encoder_ch_mult", "decoder_ch_mult"):
+            if len(getattr(self, name)) != 4:
+                raise ValueError(f"{name} must have 4 levels (the down/up-sampling plan is fixed), "
+                                 f"got {getattr(self, name)}")
+        widths = {"encoder": [self.encoder_ch * m for m in (1,) + self.encoder_ch_mult],
+                  "decoder": [self.decoder_ch * m for m in self.decoder_ch_mult]}
+        for part, ws in widths.items():
+            bad = [w for w in ws if w <= 0 or w % NORM_GROUPS]
+            if bad:
+                raise ValueError(f"{part} widths {ws} must all be positive multiples of "
+                                 f"{NORM_GROUPS} (GroupNorm groups); {bad} are not")
+        for name in ("in_channels", "out_channels", "z_channels", "num_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "VAEConfig":
+        """Build from a dict keyed by constructor keywords (keys starting with '_' are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"unknown VAE config key(s) {unknown}; "
+                             f"expected some of {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "VAEConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def tiny(cls, **overrides) -> "VAEConfig":
+        """A 3.5 M-parameter VAE (the conformance kit's small widths) for tests and demos."""
+        base = cls(z_channels=4, encoder_ch=32, encoder_ch_mult=(1, 1, 2, 1),
+                   decoder_ch=32, decoder_ch_mult=(1, 1, 2, 1))
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (all tensors (B, C, T, H, W))
+# --------------------------------------------------------------------------------------------
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm(32) whose statistics are taken over (C/32, H, W) of each frame separately
+    (``per_frame=True``, the version-2 behaviour) or over all frames (``per_frame=False``).
+    eps is nn.GroupNorm's default 1e-5 (the kit rejects 1e-6)."""
+
+    def __init__(self, num_channels: int, per_frame: bool = True, eps: float = 1e-5):
+        super().__init__(NORM_GROUPS, num_channels, eps=eps)
+        self.per_frame = per_frame
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        if self.per_frame:
+            b, c, t, h, w = x.shape
+            frames = x.transpose(1, 2).reshape(b * t, c, h, w)                 # (B*T, C, H, W)
+            y = F.group_norm(frames, self.num_groups, self.weight, self.bias, self.eps)
+            y = y.reshape(b, t, c, h, w).transpose(1, 2)                       # (B, C, T, H, W)
+        else:
+            y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(y, inplace=True) if silu else y
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d over the current and previous frames only: ``kernel-1`` zero frames are padded in
+    front, space gets 'same' zero padding. With stride 2 (kernel 3) T frames become (T+1)//2."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
+        super().__init__()
+        self.time_pad = kernel_size - 1
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=(0, kernel_size // 2, kernel_size // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_pad:
+            x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
+        return self.conv(x)
+
+
+class ResnetBlock3D(nn.Module):
+    """norm-SiLU-conv twice (zero frames padded after the activation), plus the input, projected
+    by a 1x1x1 conv when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = FrameGroupNorm(in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3)
+        self.norm2 = FrameGroupNorm(out_channels)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        if in_channels != out_channels:
+            self.nin_shortcut = CausalConv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return h.add_(shortcut)
+
+
+class CausalSelfAttention(nn.Module):
+    """Single-head attention (head dim = C) over the T*H*W tokens of a chunk, causal in the
+    flattened (t, h, w) order, so a token also ignores later tokens of its own frame."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = FrameGroupNorm(channels)
+        self.q = CausalConv3d(channels, channels, 1)
+        self.k = CausalConv3d(channels, channels, 1)
+        self.v = CausalConv3d(channels, channels, 1)
+        self.proj_out = CausalConv3d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (p(n).flatten(2).transpose(1, 2).unsqueeze(1)            # (B, 1, T*H*W, C)
+                   for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = a.squeeze(1).transpose(1, 2).reshape(b, c, t, h, w)
+        return self.proj_out(a).add_(x)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock3D(channels, channels)
+        self.attn_1 = CausalSelfAttention(channels)
+        self.block_2 = ResnetBlock3D(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+def per_frame_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D conv to every frame of (B, C, T, H, W)."""
+    b, c, t, h, w = x.shape
+    y = conv(x.transpose(1, 2).reshape(b * t, c, h, w))                     # (B*T, C', H', W')
+    return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+
+
+class Downsample2D(nn.Module):
+    """Halve H and W of every frame: pad one zero row/column at the bottom/right, 3x3 stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return per_frame_conv2d(self.conv, F.pad(x, (0, 1, 0, 1)))
+
+
+class Downsample3D(nn.Module):
+    """Causal stride-2 conv in t, h and w: T -> (T+1)//2 (17 -> 9 -> 5)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest x2 in H and W, then a 3x3 conv, frame by frame."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        return per_frame_conv2d(self.conv, x)
+
+
+class UpsampleResBlock(nn.Module):
+    """conv-norm-SiLU-conv-norm, then silu(h + x) + x: the release adds the input twice."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = CausalConv3d(channels, channels, 3)
+        self.norm1 = FrameGroupNorm(channels)
+        self.conv2 = CausalConv3d(channels, channels, 3)
+        self.norm2 = FrameGroupNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(self.conv1(x), silu=True)
+        h = self.norm2(self.conv2(h))
+        return F.silu(h.add_(x), inplace=True).add_(x)
+
+
+class Upsample3D(nn.Module):
+    """Nearest x2 in t, h and w, then :class:`UpsampleResBlock`."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv3d = UpsampleResBlock(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3d(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def pixel_unshuffle_3d(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C*f^3, (T+f-1)/f, H/f, W/f), after padding f-1 zero frames in front.
+    Channel layout (c, ft, fh, fw)."""
+    x = F.pad(x, (0, 0, 0, 0, factor - 1, 0))
+    b, c, t, h, w = x.shape
+    f = factor
+    x = x.view(b, c, t // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * f ** 3, t // f, h // f, w // f)
+
+
+def pixel_shuffle_3d(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Inverse of :func:`pixel_unshuffle_3d`: (B, C*f^3, T, H, W) -> (B, C, f*T-(f-1), f*H, f*W);
+    the first f-1 frames are dropped."""
+    b, c, t, h, w = x.shape
+    f = factor
+    c //= f ** 3
+    x = x.view(b, c, f, f, f, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c, t * f, h * f, w * f)[:, :, f - 1:]
+
+
+def unshuffle_channel_average(x: torch.Tensor, out_channels: int, factor: int) -> torch.Tensor:
+    """Parameter-free encoder shortcut: unshuffle, then average consecutive channel groups."""
+    x = pixel_unshuffle_3d(x, factor)
+    b, c, t, h, w = x.shape
+    return x.view(b, out_channels, c // out_channels, t, h, w).mean(dim=2)
+
+
+def repeat_channels_shuffle(x: torch.Tensor, out_channels: int, factor: int) -> torch.Tensor:
+    """Parameter-free shortcut of the decoder: repeat every channel, then pixel-shuffle."""
+    repeats = out_channels * factor ** 3 // x.shape[1]
+    return pixel_shuffle_3d(x.repeat_interleave(repeats, dim=1), factor)
+
+
+class ConvPixelUnshuffle3D(nn.Module):
+    """Causal conv to C/8 channels, then :func:`pixel_unshuffle_3d` (the encoder's patchify)."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.conv = CausalConv3d(in_channels, out_channels // factor ** 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_unshuffle_3d(self.conv(x), self.factor)
+
+
+class ConvPixelShuffle3D(nn.Module):
+    """Causal conv to 8*C channels, then :func:`pixel_shuffle_3d` (the decoder's unpatchify)."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.conv = CausalConv3d(in_channels, out_channels * factor ** 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_shuffle_3d(self.conv(x), self.factor)
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: residual blocks, then an optional resampler."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int,
+                 resample: nn.Module | None, resample_name: str):
+        super().__init__()
+        widths = [in_channels] + [out_channels] * num_blocks
+        self.block = nn.ModuleList(ResnetBlock3D(i, o) for i, o in zip(widths, widths[1:]))
+        self.resample_name = resample_name
+        if resample is not None:
+            setattr(self, resample_name, resample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        resample = getattr(self, self.resample_name, None)
+        return resample(x) if resample is not None else x
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder and decoder (one chunk at a time)
+# --------------------------------------------------------------------------------------------
+
+SPATIAL_DOWN_LEVELS = (0,)       # encoder: 2D (spatial-only) downsample after level 0
+TEMPORAL_DOWN_LEVELS = (1, 2)    # encoder: causal 3D downsample after levels 1 and 2
+TEMPORAL_UP_LEVELS = (2, 3)      # decoder: 3D upsample after levels 3 and 2, 2D after level 1
+
+
+class Encoder(nn.Module):
+    """(B, 3, 17, H, W) -> moments (B, 2z, 3, H/16, W/16)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, mult, z = cfg.encoder_ch, cfg.encoder_ch_mult, cfg.z_channels
+        self.conv_in = CausalConv3d(cfg.in_channels, ch, 3)
+        widths = [ch] + [ch * m for m in mult]
+        self.down = nn.ModuleList()
+        for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+            resample = (Downsample2D(cout) if i in SPATIAL_DOWN_LEVELS else
+                        Downsample3D(cout) if i in TEMPORAL_DOWN_LEVELS else None)
+            self.down.append(Level(cin, cout, cfg.num_res_blocks, resample, "downsample"))
+        top = widths[-1]
+        self.mid = MidBlock(top)
+        self.norm_out = FrameGroupNorm(top)
+        self.patch_channels = 4 * z * 2 ** 3
+        self.moment_channels = 2 * z
+        self.conv_patchify = ConvPixelUnshuffle3D(top, self.patch_channels, 2)
+        self.conv_out = CausalConv3d(self.patch_channels, self.moment_channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)                                                 # (B, ch, 17, H, W)
+        for level in self.down:
+            h = level(h)                                             # ... (B, C, 5, H/8, W/8)
+        h = self.norm_out(self.mid(h), silu=True)
+        h = self.conv_patchify(h).add_(unshuffle_channel_average(h, self.patch_channels, 2))
+        # (B, 32z, 3, H/16, W/16)
+        return self.conv_out(h).add_(unshuffle_channel_average(h, self.moment_channels, 1))
+
+
+class Decoder(nn.Module):
+    """(B, z, 3, h, w) -> (B, 3, 17, 16h, 16w)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, mult, z = cfg.decoder_ch, cfg.decoder_ch_mult, cfg.z_channels
+        top = ch * mult[-1]
+        self.patch_channels = 4 * z * 2 ** 3
+        self.top_channels = top
+        self.conv_in = CausalConv3d(z, self.patch_channels, 3)
+        self.conv_unpatchify = ConvPixelShuffle3D(self.patch_channels, top, 2)
+        self.mid = MidBlock(top)
+        self.up = nn.ModuleList()
+        block_in = top
+        for i in reversed(range(len(mult))):                 # built top-down, stored by level
+            cout = ch * mult[i]
+            resample = (None if i == 0 else
+                        Upsample3D(cout) if i in TEMPORAL_UP_LEVELS else Upsample2D(cout))
+            self.up.insert(0, Level(block_in, cout, cfg.num_res_blocks + 1, resample, "upsample"))
+            block_in = cout
+        self.norm_out = FrameGroupNorm(block_in)
+        self.conv_out = CausalConv3d(block_in, cfg.out_channels, 3)
+        # 3 latent frames -> 5 after unpatchify -> 20 after two temporal x2 -> drop 3 -> 17.
+        self.drop_frames = 3
+
+    def unpatchify(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z).add_(repeat_channels_shuffle(z, self.patch_channels, 1))
+        # (B, 32z, 3, h, w) -> (B, top, 5, 2h, 2w)
+        return self.conv_unpatchify(h).add_(repeat_channels_shuffle(h, self.top_channels, 2))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.unpatchify(z))                                    # (B, top, 5, 2h, 2w)
+        for level in reversed(self.up):
+            h = level(h)                                             # ... (B, ch, 20, 16h, 16w)
+        h = self.conv_out(self.norm_out(h, silu=True))
+        return h[:, :, self.drop_frames:]                                   # (B, 3, 17, 16h, 16w)
+
+
+# --------------------------------------------------------------------------------------------
+# AutoencoderKL: chunking, seam blend, validation, loading
+# --------------------------------------------------------------------------------------------
+
+def blend_seam(last: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend the last frame of chunk k with the first frame of chunk k+1 (release order: the first
+    frame is updated first, then the last frame uses the updated first frame)."""
+    first = first * SEAM_KEEP + last * (1.0 - SEAM_KEEP)
+    last = last * SEAM_KEEP + first * (1.0 - SEAM_KEEP)
+    return last, first
+
+
+class AutoencoderKL(nn.Module):
+    """The Step-Video Video-VAE v2. ``decode``: (B, 3n, z, h, w) -> (B, 17n, 3, 16h, 16w);
+    ``encode``: (B, 17n, 3, H, W) -> (B, 3n, z, H/16, W/16)."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, z_channels: int = 64,
+                 num_res_blocks: int = 2, version: int = 2, encoder_ch: int = 32,
+                 encoder_ch_mult: tuple[int, ...] = (4, 8, 16, 16), decoder_ch: int = 128,
+                 decoder_ch_mult: tuple[int, ...] = (1, 2, 4, 4)):
+        super().__init__()
+        self.config = VAEConfig(in_channels, out_channels, z_channels, num_res_blocks, version,
+                                encoder_ch, encoder_ch_mult, decoder_ch, decoder_ch_mult)
+        self.frame_len = FRAMES_PER_CHUNK
+        self.latent_len = LATENTS_PER_CHUNK
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    @classmethod
+    def from_config(cls, config: VAEConfig) -> "AutoencoderKL":
+        return cls(**dataclasses.asdict(config))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- decode -------------------------------------------------------------------------
+
+    def check_latents(self, z: torch.Tensor) -> None:
+        zc = self.config.z_channels
+        if z.ndim != 5:
+            raise ValueError(f"decode expects latents (B, frames, {zc}, h, w) with 5 dims; got "
+                             f"shape {tuple(z.shape)}")
+        if z.shape[2] != zc:
+            raise ValueError(f"latents have {z.shape[2]} channels (dim 2) but this VAE expects "
+                             f"z_channels={zc}; latents must be (B, frames, {zc}, h, w)")
+        f = z.shape[1]
+        if f == 0 or f % LATENTS_PER_CHUNK:
+            raise ValueError(f"latent frame count {f} must be a positive multiple of "
+                             f"{LATENTS_PER_CHUNK} (every {LATENTS_PER_CHUNK} latent frames decode "
+                             f"to {FRAMES_PER_CHUNK} video frames)")
+
+    def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        """One chunk without blending: (B, 3, z, h, w) -> (B, 17, 3, 16h, 16w)."""
+        with torch.no_grad():
+            z = z.to(device=self.device, dtype=self.dtype).transpose(1, 2)  # (B, z, 3, h, w)
+            return self.decoder(z).transpose(1, 2)                          # (B, 17, 3, H, W)
+
+    def iter_decode(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Decode one chunk at a time and yield frames as soon as they are final.
+
+        The seam blend changes the last frame of chunk k using chunk k+1, so that frame is held
+        back: after chunk 0 the generator yields its first 16 frames; after chunk k >= 1 it yields
+        the (blended) last frame of chunk k-1 followed by the first 16 frames of chunk k; the last
+        chunk's final frame is appended to the last yield. Concatenated along dim 1 the pieces
+        equal ``decode(z)`` exactly, and memory stays that of one chunk.
+        """
+        self.check_latents(z)
+        chunks = z.split(LATENTS_PER_CHUNK, dim=1)
+        held = None                                                         # (B, 1, 3, H, W)
+        for i, chunk in enumerate(chunks):
+            x = self.decode_chunk(chunk)                                    # (B, 17, 3, H, W)
+            if held is not None:
+                held, first = blend_seam(held, x[:, :1])
+                x[:, :1] = first
+                x = torch.cat([held, x], dim=1)                             # (B, 18, 3, H, W)
+            if i + 1 < len(chunks):
+                held = x[:, -1:].clone()
+                x = x[:, :-1]
+            yield x
+            del x
+
+    def decode(self, z: torch.Tensor,
+               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """(B, 3n, z, h, w) -> (B, 17n, 3, 16h, 16w), chunk by chunk, seams blended.
+
+        ``callback(chunk_index, frames)`` is called after each chunk with the frames that
+        ``iter_decode`` yields for it."""
+        self.check_latents(z)
+        n = z.shape[1] // LATENTS_PER_CHUNK
+        out = None
+        start = 0
+        for i, piece in enumerate(self.iter_decode(z)):
+            if out is None:
+                out = piece.new_empty(z.shape[0], n * FRAMES_PER_CHUNK, *piece.shape[2:])
+            out[:, start:start + piece.shape[1]] = piece
+            if callback is not None:
+                callback(i, piece)
+            start += piece.shape[1]
+        return out
+
+    # ---- encode -------------------------------------------------------------------------
+
+    def check_video(self, x: torch.Tensor) -> None:
+        c = self.config.in_channels
+        if x.ndim != 5:
+            raise ValueError(f"encode expects a video (B, frames, {c}, H, W) with 5 dims; got "
+                             f"shape {tuple(x.shape)}")
+        b, f, ch, h, w = x.shape
+        if ch != c:
+            raise ValueError(f"video has {ch} channels (dim 2) but this VAE expects "
+                             f"in_channels={c}; videos must be (B, frames, {c}, H, W)")
+        if f == 0 or f % FRAMES_PER_CHUNK:
+            raise ValueError(f"video frame count {f} must be a positive multiple of "
+                             f"{FRAMES_PER_CHUNK} (every {FRAMES_PER_CHUNK} frames encode to "
+                             f"{LATENTS_PER_CHUNK} latent frames)")
+        if h == 0 or w == 0 or h % SPATIAL_FACTOR or w % SPATIAL_FACTOR:
+            raise ValueError(f"video height and width must be positive multiples of "
+                             f"{SPATIAL_FACTOR}; got H={h}, W={w}")
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 17n, 3, H, W) -> raw moments (B, 3n, 2z, H/16, W/16) = [mean | logvar] on dim 2."""
+        self.check_video(x)
+        parts = []
+        with torch.no_grad():
+            for chunk in x.split(FRAMES_PER_CHUNK, dim=1):
+                chunk = chunk.to(device=self.device, dtype=self.dtype).transpose(1, 2)
+                parts.append(self.encoder(chunk).transpose(1, 2))         # (B, 3, 2z, h, w)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Moments -> (mean, logvar) with logvar clamped to [-30, 20]."""
+        mean, logvar = moments.chunk(2, dim=2)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 17n, 3, H, W) -> a latent sample mean + std * noise, (B, 3n, z, H/16, W/16).
+
+        As in the release the noise is one ``torch.randn`` of the latent's shape drawn after all
+        chunks are encoded, from ``generator`` or else the global RNG."""
+        mean, logvar = self.split_moments(self.encode_moments(x))
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu",
+                        config: VAEConfig | Mapping | None = None) -> "AutoencoderKL":
+        """Load ``vae_v2.safetensors`` from a file, a ``vae/`` directory or a model directory.
+
+        Widths come from ``config``, else a ``config.json`` next to the file, else the defaults
+        (the released checkpoint has no config). Keys are checked strictly (CheckpointError)."""
+        file = resolve_checkpoint(path)
+        cfg = resolve_config(file, config)
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+        state = load_safetensors([file], dtype=dtype, device=device)
+        state = rename_keys(state, CHECKPOINT_RENAMES)
+        load_state_dict_strict(model, state, what=f"VAE checkpoint {file}")
+        return model.eval().requires_grad_(False)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The checkpoint file for ``path``: the file itself, ``path/vae_v2.safetensors`` or
+    ``path/vae/vae_v2.safetensors``."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for candidate in (os.path.join(path, CHECKPOINT_FILE),
+                          os.path.join(path, "vae", CHECKPOINT_FILE)):
+            if os.path.isfile(candidate):
+                return candidate
+        raise CheckpointError(f"{path} holds no {CHECKPOINT_FILE} (nor vae/{CHECKPOINT_FILE}); "
+                              "pass the model directory, its vae/ directory or the file itself.")
+    raise CheckpointError(f"VAE checkpoint {path} does not exist.")
+
+
+def resolve_config(file: str, config: VAEConfig | Mapping | None) -> VAEConfig:
+    if isinstance(config, VAEConfig):
+        return config
+    if config is not None:
+        return VAEConfig.from_dict(config)
+    side = os.path.join(os.path.dirname(file), "config.json")
+    return VAEConfig.from_json(side) if os.path.isfile(side) else VAEConfig()
+
+
+def state_dict_for_checkpoint(model: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """The model's state dict under the released file's key names (``CHECKPOINT_RENAMES``
+    reversed), ready for ``safetensors.torch.save_file``."""
+    reverse = {new: old for old, new in CHECKPOINT_RENAMES.items()}
+    return {k: v.contiguous() for k, v in rename_keys(model.state_dict(), reverse).items()}
