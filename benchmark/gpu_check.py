@@ -1,0 +1,166 @@
+"""One prepared GPU check (run on a lent H100/H200): the CUDA paths against the CPU reference.
+
+1. the kit's small DiT on CUDA (fp32 with TF32 off, and bf16) against the kit's output;
+2. the attention seam: CUDA SDPA (and flash-attn when installed) against CPU fp32, with a mask;
+3. the xfuser/yunchang sequence-parallel plan at world size 1 (NCCL) against the local plan;
+4. the full-size VAE decoding one chunk (1,3,64,34,62) in bf16: time and peak memory.
+Prints one JSON line per check and writes them all to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+RESULTS: list[dict] = []
+
+
+def report(name: str, **values) -> None:
+    row = {"check": name, **values}
+    RESULTS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def guarded(fn):
+    @functools.wraps(fn)
+    def run(*a, **k):
+        try:
+            fn(*a, **k)
+        except Exception as e:  # a failed check is reported and the next one still runs
+            report(fn.__name__, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
+    return run
+
+
+def kit_model(device, dtype):
+    from conformance import load_json, load_tensors
+    from stepvideo.modules.model import StepVideoModel
+    from stepvideo.weights import load_state_dict_strict
+
+    spec = load_json("dit_small.json")
+    with torch.device("meta"):
+        m = StepVideoModel(**spec["config"])
+    sd = {k: v.to(device, dtype) for k, v in load_tensors(spec["weights"]["file"], torch.float32).items()}
+    load_state_dict_strict(m, sd)
+    io = load_tensors("dit_small_io.safetensors")
+    return m.eval(), io, spec
+
+
+def run_kit(m, io, device, dtype):
+    args = [io[k].to(device) for k in ("hidden_states", "timestep", "encoder_hidden_states",
+                                       "encoder_hidden_states_2", "encoder_attention_mask")]
+    args = [a.to(dtype) if a.is_floating_point() and i != 4 else a for i, a in enumerate(args)]
+    with torch.inference_mode():
+        return m(*args, return_dict=False).float().cpu()
+
+
+@guarded
+def dit_kit():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for dtype in (torch.float32, torch.bfloat16):
+        m, io, spec = kit_model("cuda", dtype)
+        out = run_kit(m, io, "cuda", dtype)
+        err = (out - io["output"]).abs().max().item()
+        report("dit_kit_cuda", dtype=str(dtype), max_abs_err=err, kit_atol=spec["tolerance"]["atol"],
+               output_max=io["output"].abs().max().item())
+
+
+@guarded
+def attention_seam():
+    from stepvideo.modules.attention import BACKENDS, flash_available
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 4, 128, generator=g) for _ in range(3))
+    lens = torch.tensor([300, 123])
+    ref = BACKENDS["sdpa"](q, k, v, lens)
+    names = ["sdpa"] + (["flash"] if flash_available() else [])
+    for name in names:
+        for dtype in (torch.float32, torch.bfloat16) if name == "sdpa" else (torch.bfloat16,):
+            for kv in (None, lens):
+                out = BACKENDS[name](*(t.cuda().to(dtype) for t in (q, k, v)), None if kv is None else kv.cuda())
+                r = ref if kv is not None else BACKENDS["sdpa"](q, k, v, None)
+                report("attention_seam", backend=name, dtype=str(dtype), masked=kv is not None,
+                       max_abs_err=(out.float().cpu() - r).abs().max().item())
+    report("attention_seam_flash_attn", available=flash_available())
+
+
+@guarded
+def xfuser_plan():
+    import torch.distributed as dist
+
+    from stepvideo.parallel.config import ParallelConfig
+    from stepvideo.parallel.plan import LocalPlan
+    from stepvideo.parallel.torch_backend import Groups
+    from stepvideo.parallel.xfuser_backend import ATTN_TYPES, XFuserPlan
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29631")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    groups = Groups(ParallelConfig(), 0)
+    m, io, _ = kit_model("cuda", torch.bfloat16)
+    m.plan = LocalPlan()
+    ref = run_kit(m, io, "cuda", torch.bfloat16)
+    import importlib.util
+
+    for attn_type in ATTN_TYPES:
+        if attn_type == "fa" and importlib.util.find_spec("flash_attn") is None:
+            report("xfuser_plan", attn_type=attn_type, skipped="flash-attn not installed")
+            continue
+        try:
+            m.plan = XFuserPlan(groups, attn_type)
+            out = run_kit(m, io, "cuda", torch.bfloat16)
+            report("xfuser_plan", attn_type=attn_type, max_abs_err_vs_local_bf16=(out - ref).abs().max().item(),
+                   max_abs_err_vs_kit=(out - io["output"]).abs().max().item())
+        except Exception as e:
+            report("xfuser_plan", attn_type=attn_type, error=f"{type(e).__name__}: {e}",
+                   trace=traceback.format_exc()[-1200:])
+
+
+@guarded
+def vae_chunk():
+    from stepvideo.vae.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKL().to(torch.bfloat16).eval()
+    for p in vae.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02)
+    z = torch.randn(1, 3, 64, 34, 62, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for i in range(2):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = vae.decode(z)
+            torch.cuda.synchronize()
+            report("vae_full_chunk_decode_bf16", run=i, seconds=time.perf_counter() - t0,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, out_shape=list(out.shape),
+                   finite=bool(torch.isfinite(out).all()))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default="gpu_check.json")
+    p.add_argument("--skip", default="", help="comma-separated checks to skip")
+    a = p.parse_args()
+    report("env", torch=torch.__version__, device=torch.cuda.get_device_name(0),
+           cuda=torch.version.cuda)
+    skip = set(filter(None, a.skip.split(",")))
+    for check in (dit_kit, attention_seam, xfuser_plan, vae_chunk):
+        if check.__name__ not in skip:
+            check()
+    with open(a.json, "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
