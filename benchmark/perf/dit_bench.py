@@ -1,0 +1,309 @@
+"""DiT forward benchmark: time, peak memory and achieved TFLOP/s, projected to the real jobs.
+
+Cases (random weights, no checkpoint needed):
+  small  the conformance kit's small DiT at the kit's input shapes (skipped if the kit is absent)
+  block  one full-width block (48 heads x 128 = 6144) of a ``DiTConfig(num_layers=1)`` model at
+         --tokens video tokens per sample, --batch samples, --text-len context tokens
+  model  with --layers N: a whole N-layer model forward at the same shapes
+
+    python benchmark/perf/dit_bench.py                                  # CPU, fp32, 256 tokens
+    python benchmark/perf/dit_bench.py --device cuda --dtype bfloat16 --tokens 75888 --batch 2
+
+Needs only torch and this package. The projection multiplies the measured per-device rate of the
+``block`` case out to 50 steps x CFG batch 2 x 48 layers on 1/4/8 devices, ignoring communication;
+it is meaningful when --tokens is near the job's token count (attention is quadratic in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # flops.py beside us; the repo, if not installed
+import flops  # noqa: E402
+
+from stepvideo.modules import attention  # noqa: E402
+from stepvideo.modules.model import DiTConfig, StepVideoModel  # noqa: E402
+from stepvideo.modules.rope import rope_tables  # noqa: E402
+
+# Public release README section 4.1 ("batch size = 1, w/o cfg distillation", "50 steps w
+# flash-attn", "tested on four GPUs"; the GPU model is not named): (frames, height, width, s).
+PUBLISHED_JOBS = {
+    "544x992x204": (204, 544, 992, 743.0),
+    "768x768x204": (204, 768, 768, 860.0),
+    "544x992x136": (136, 544, 992, 408.0),
+}
+JOB_STEPS, JOB_BATCH, JOB_GPUS = 50, 2, (1, 4, 8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def latent_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Video frames/pixels -> latent (frames, h, w): 17 frames -> 3, 16x16 pixels -> 1 token."""
+    return frames // 17 * 3, height // 16, width // 16
+
+
+def token_grid(tokens: int) -> tuple[int, int, int]:
+    """A (frames, h, w) grid with ``tokens`` cells: a published job's grid, else 1 x h x w."""
+    for frames, height, width, _ in PUBLISHED_JOBS.values():
+        f, h, w = latent_grid(frames, height, width)
+        if f * h * w == tokens:
+            return f, h, w
+    h = max(d for d in range(1, int(tokens ** 0.5) + 1) if tokens % d == 0)
+    return 1, h, tokens // h
+
+
+# --- device helpers -------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> tuple[str, float]:
+    """CUDA: max allocated since the last reset. CPU: the process RSS high-water (cumulative)."""
+    if device.type == "cuda":
+        return "cuda_max_allocated", torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return "process_rss_high_water", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def resolved_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """What the attention seam's current choice means for these inputs."""
+    chosen = attention.get_backend()
+    if chosen != "auto":
+        return chosen
+    half = dtype in (torch.float16, torch.bfloat16)
+    return "flash" if device.type == "cuda" and half and attention.flash_available() else "sdpa"
+
+
+# --- model building -------------------------------------------------------------------------
+
+@torch.no_grad()
+def random_model(cfg: DiTConfig, device: torch.device, dtype: torch.dtype) -> StepVideoModel:
+    """A model allocated directly on ``device`` in ``dtype``: norm weights 1, the rest N(0, .02)."""
+    with torch.device("meta"):
+        model = StepVideoModel(config=cfg).to(dtype)
+    model = model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def model_inputs(cfg: DiTConfig, batch: int, grid: tuple[int, int, int], text_len: int,
+                 clip_len: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random forward() keywords; the text mask is all ones (every context token attended)."""
+    f, h, w = grid
+    llm_dim, clip_dim = cfg.caption_channels
+    p = cfg.patch_size
+    return {
+        "hidden_states": torch.randn(batch, f, cfg.in_channels, h * p, w * p, device=device,
+                                     dtype=dtype),
+        "timestep": torch.rand(batch, device=device, dtype=dtype),
+        "encoder_hidden_states": torch.randn(batch, text_len - clip_len, llm_dim, device=device,
+                                             dtype=dtype),
+        "encoder_hidden_states_2": torch.randn(batch, clip_len, clip_dim, device=device,
+                                               dtype=dtype),
+        "encoder_attention_mask": torch.ones(batch, text_len, device=device),
+    }
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls after ``warmup`` untimed ones, synchronised on CUDA."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run_case(name: str, fn, flop_count: int, shape: dict, args, device) -> dict:
+    reset_peak_memory(device)
+    times = time_call(fn, device, args.warmup, args.repeats)
+    median = statistics.median(times)
+    tflops = flop_count / median / 1e12
+    peak = flops.device_peak(device_name(device)) if device.type == "cuda" else None
+    mem_kind, mem_gb = peak_memory_gb(device)
+    result = {"case": name, **shape, "flops": flop_count, "times_s": times, "median_s": median,
+              "tflops": tflops, "peak_bf16_tflops": peak,
+              "fraction_of_peak": tflops / peak if peak else None,
+              "memory_kind": mem_kind, "peak_memory_gb": mem_gb}
+    frac = f", {100 * tflops / peak:.1f}% of {peak:g} TF bf16 peak" if peak else ""
+    print(f"{name:>6}: median {median * 1e3:9.2f} ms over {len(times)} | "
+          f"{flop_count / 1e9:12.2f} GFLOP | {tflops:8.3f} TFLOP/s{frac} | "
+          f"{mem_kind} {mem_gb:.2f} GiB", flush=True)
+    return result
+
+
+def kit_small_case(args, device, dtype) -> dict | None:
+    kit = Path(os.environ.get("STEPVIDEO_CONFORMANCE_DIR",
+                              Path(__file__).resolve().parents[3] / "shared" / "conformance"))
+    if not (kit / "dit_small.json").is_file() or not (kit / "dit_small_io.safetensors").is_file():
+        print(f" small: skipped (no conformance kit at {kit}; set STEPVIDEO_CONFORMANCE_DIR)")
+        return None
+    from safetensors.torch import load_file
+
+    cfg = DiTConfig.from_dict(json.loads((kit / "dit_small.json").read_text())["config"])
+    io = load_file(str(kit / "dit_small_io.safetensors"))
+    keys = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_2",
+            "encoder_attention_mask")
+    inputs = {k: io[k].to(device=device, dtype=dtype if io[k].is_floating_point() else None)
+              for k in keys}
+    inputs["encoder_attention_mask"] = io["encoder_attention_mask"].to(device)
+    model = random_model(cfg, device, dtype)
+    b, f, _, h, w = inputs["hidden_states"].shape
+    text_len = inputs["encoder_attention_mask"].shape[1]
+    clip_len = inputs["encoder_hidden_states_2"].shape[1]
+    kv_len = int(inputs["encoder_attention_mask"].sum(-1).max())
+    count = flops.dit_forward_flops(cfg, b, f * h * w, text_len, clip_len=clip_len, kv_len=kv_len)
+    shape = {"layers": cfg.num_layers, "dim": cfg.inner_dim, "batch": b, "tokens": f * h * w,
+             "text_len": text_len}
+    return run_case("small", lambda: model(**inputs), count, shape, args, device)
+
+
+def block_case(args, device, dtype) -> dict:
+    cfg = DiTConfig(num_layers=1)
+    model = random_model(cfg, device, dtype)
+    block, d = model.transformer_blocks[0], cfg.inner_dim
+    grid = token_grid(args.tokens)
+    x = torch.randn(args.batch, args.tokens, d, device=device, dtype=dtype)  # (B, N, D)
+    context = torch.randn(args.batch, args.text_len, d, device=device, dtype=dtype)  # (B, L, D)
+    t_mod = torch.randn(args.batch, 6 * d, device=device, dtype=dtype) * 0.02
+    kv_lens = torch.full((args.batch,), args.text_len, device=device)  # masked path, all valid
+    cos, sin = rope_tables(*grid, cfg.attention_head_dim, device=device)
+    count = flops.block_flops(cfg, args.batch, args.tokens, args.text_len)
+    shape = {"layers": 1, "dim": d, "batch": args.batch, "tokens": args.tokens,
+             "grid": list(grid), "text_len": args.text_len}
+    result = run_case("block", lambda: block(x, context, t_mod, cos, sin, kv_lens, model.plan),
+                      count, shape, args, device)
+    return result
+
+
+def model_case(args, device, dtype) -> dict:
+    cfg = DiTConfig(num_layers=args.layers)
+    model = random_model(cfg, device, dtype)
+    grid = token_grid(args.tokens)
+    inputs = model_inputs(cfg, args.batch, grid, args.text_len, 77, device, dtype)
+    count = flops.dit_forward_flops(cfg, args.batch, args.tokens, args.text_len)
+    shape = {"layers": args.layers, "dim": cfg.inner_dim, "batch": args.batch,
+             "tokens": args.tokens, "grid": list(grid), "text_len": args.text_len}
+    result = run_case("model", lambda: model(**inputs), count, shape, args, device)
+    return result
+
+
+# --- projection -----------------------------------------------------------------------------
+
+def project_jobs(rate_tflops: float, peak_tflops: float | None, text_len: int) -> list[dict]:
+    """50 steps x CFG batch 2 x 48 layers at ``rate_tflops`` per device, no communication."""
+    cfg = DiTConfig()
+    rows = []
+    for job, (frames, height, width, published) in PUBLISHED_JOBS.items():
+        f, h, w = latent_grid(frames, height, width)
+        total = JOB_STEPS * flops.dit_forward_flops(cfg, JOB_BATCH, f * h * w, text_len)
+        rows.append({
+            "job": job, "tokens": f * h * w, "total_flops": total, "published_s_4gpu": published,
+            "projected_s": {n: total / (rate_tflops * 1e12 * n) for n in JOB_GPUS},
+            "ideal_at_peak_s": ({n: total / (peak_tflops * 1e12 * n) for n in JOB_GPUS}
+                                if peak_tflops else None),
+        })
+    return rows
+
+
+def print_projection(rows: list[dict], rate: float, peak: float | None, peak_label: str) -> None:
+    print(f"\nProjection: {JOB_STEPS} steps x CFG batch {JOB_BATCH} x 48 layers at the measured "
+          f"{rate:.3f} TFLOP/s per device (no communication); published = release README, 4 GPUs")
+    gpus = " ".join(f"{f'{n} dev':>12}" for n in JOB_GPUS)
+    print(f"{'job':>12} {'tokens':>7} {'PFLOP':>8} | {gpus} | {'published':>9} | "
+          f"ideal @ {peak_label}")
+    for r in rows:
+        proj = " ".join(f"{r['projected_s'][n]:11.0f}s" for n in JOB_GPUS)
+        ideal = (" ".join(f"{r['ideal_at_peak_s'][n]:.0f}s" for n in JOB_GPUS)
+                 if r["ideal_at_peak_s"] else "n/a")
+        print(f"{r['job']:>12} {r['tokens']:>7} {r['total_flops'] / 1e15:8.1f} | {proj} | "
+              f"{r['published_s_4gpu']:8.0f}s | {ideal} (1/4/8 dev)")
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--tokens", type=int, default=256, help="video tokens per sample (block/model)")
+    p.add_argument("--batch", type=int, default=1, help="samples (2 = one CFG step)")
+    p.add_argument("--text-len", type=int, default=397, help="context tokens (77 CLIP + 320 LLM)")
+    p.add_argument("--layers", type=int, default=0, help="also time a whole N-layer model")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--skip-small", action="store_true", help="skip the kit's small config")
+    p.add_argument("--json", default="", help="write the results here")
+    args = p.parse_args(argv)
+    if args.text_len <= 77:
+        p.error(f"--text-len must exceed the 77 CLIP tokens, got {args.text_len}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    attention.set_backend(args.attn)
+    name = device_name(device)
+    print(f"device {name} | dtype {args.dtype} | attention {resolved_attention(device, dtype)} "
+          f"| torch {torch.__version__}", flush=True)
+    cases = []
+    if not args.skip_small:
+        cases.append(kit_small_case(args, device, dtype))
+    cases.append(block_case(args, device, dtype))
+    if args.layers:
+        cases.append(model_case(args, device, dtype))
+    cases = [c for c in cases if c is not None]
+    block = next(c for c in cases if c["case"] == "block")
+    peak = flops.device_peak(name) if device.type == "cuda" else None
+    ref_peak, peak_label = (peak, f"{peak:g} TF") if peak else (989.0, "H100/H200 989 TF")
+    rows = project_jobs(block["tflops"], ref_peak, args.text_len)
+    print_projection(rows, block["tflops"], ref_peak, peak_label)
+    report = {"device": name, "dtype": args.dtype, "torch": torch.__version__,
+              "attention": resolved_attention(device, dtype), "args": vars(args),
+              "cases": cases, "projection": rows, "ideal_peak_tflops": ref_peak}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

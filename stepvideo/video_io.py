@@ -1,0 +1,212 @@
+"""Decoded video -> uint8 frames -> H.264 mp4 (and a PNG contact sheet).
+
+The frame conversion, the 540p centre crop and the writer settings are the public release's
+(``VideoProcessor.postprocess_video``; conformance kit section 9, quirks 31-33):
+
+    x = (clamp(v, -1, 1) + 1) * 127.5; batch items stacked along the HEIGHT;
+    clamp to [0, 255] and truncate to uint8;  (B, F, 3, H, W) -> (F, B*H, W, 3)
+    centre crop: 540x960 if W//2 > H//2 (landscape), 960x540 if W//2 < H//2, square kept;
+    imageio-ffmpeg, libx264, yuv420p, 25 fps, ``-vf atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1``.
+
+Files are written atomically: into a temporary file in the target directory, then
+``os.replace``d over the target, so a reader never sees a half-written video.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+import warnings
+
+import numpy as np
+import torch
+
+FPS = 25
+CODEC = "libx264"
+PIX_FMT = "yuv420p"
+DENOISE_FILTER = "atadenoise=0a=0.1:0b=0.1:1a=0.1:1b=0.1"
+CROP_LANDSCAPE = (540, 960)  # (height, width)
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """(B, F, 3, H, W) float in ~[-1, 1] -> uint8 (F, B*H, W, 3), batch stacked along the height.
+
+    Computed in float32 (the kit's dtype; bf16 input is upcast first). NaNs, which would hit an
+    undefined float->uint8 cast, become 0.0 (mid grey) with a warning.
+    """
+    video = torch.as_tensor(video)
+    if video.dim() != 5 or video.shape[2] != 3:
+        raise ValueError(f"video must be (B, F, 3, H, W), got {tuple(video.shape)}")
+    x = video.detach().cpu().float()
+    if torch.isnan(x).any():
+        warnings.warn("video contains NaN values; writing them as mid grey", RuntimeWarning)
+        x = torch.nan_to_num(x, nan=0.0)
+    x = (x.clamp(-1, 1) + 1) * 127.5
+    x = torch.cat(list(x), dim=-2)  # (F, 3, B*H, W)
+    x = x.clamp(0, 255).to(torch.uint8)  # truncation toward zero, not rounding
+    return x.numpy().transpose(0, 2, 3, 1)  # (F, B*H, W, 3)
+
+
+def crop_540p(frames: np.ndarray) -> np.ndarray:
+    """Centre-crop (F, H, W, 3) to 540x960 (landscape) or 960x540 (portrait); square is kept.
+
+    Orientation compares W//2 with H//2, so a batch of 2 at 544x992 (stacked height 1088) counts
+    as portrait. Bounds beyond the array are clipped, so videos smaller than the crop are kept
+    whole. Deviation from the release: it slices with raw numpy bounds, where a negative start
+    WRAPS AROUND (a 480x832 video would keep only its last 30 rows); here starts are clamped at 0.
+    Both kit cases give identical results either way.
+    """
+    _, height, width, _ = frames.shape
+    hc, wc = height // 2, width // 2
+    if wc > hc:
+        crop_h, crop_w = CROP_LANDSCAPE
+    elif wc < hc:
+        crop_w, crop_h = CROP_LANDSCAPE
+    else:
+        return frames
+    rows = slice(max(hc - crop_h // 2, 0), hc + crop_h // 2)
+    cols = slice(max(wc - crop_w // 2, 0), wc + crop_w // 2)
+    return frames[:, rows, cols]
+
+
+def as_frames(video, crop: bool = False) -> np.ndarray:
+    """A float tensor (B,F,3,H,W) or a post-processed uint8 array (F,H,W,3) -> uint8 (F,H,W,3)."""
+    if isinstance(video, np.ndarray) and video.dtype == np.uint8:
+        frames = video
+    elif isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
+        frames = video.cpu().numpy()
+    else:
+        frames = to_uint8_frames(video)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"frames must be uint8 (F, H, W, 3) with F >= 1, got {frames.shape}")
+    return crop_540p(frames) if crop else frames
+
+
+def pad_to_even(frames: np.ndarray) -> np.ndarray:
+    """yuv420p stores chroma at half resolution, so libx264 needs an even width and height.
+
+    An odd size gets one replicated edge row/column. (imageio's own fix, ``macro_block_size``,
+    rescales the picture with an extra ``-vf scale`` that would clash with the denoise ``-vf``,
+    so the writer runs with ``macro_block_size=1`` and the padding is done here.)
+    """
+    _, height, width, _ = frames.shape
+    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
+    return np.pad(frames, pad, mode="edge") if any(p[1] for p in pad) else frames
+
+
+# --- atomic files ---------------------------------------------------------------------------
+
+def _output_dir(path: str) -> str:
+    """Create the parent directory of ``path``; a clear error if it cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create output directory {parent!r} for {path!r}: "
+                      f"{err.strerror or err}") from err
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {parent!r} is not writable; choose another "
+                              f"path for {os.path.basename(path)!r}")
+    return parent
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, else is removed."""
+    parent = _output_dir(path)
+    name, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp{ext}")
+    try:  # O_EXCL: never clobber; mode 0o666 & ~umask like a plain open() (mkstemp gives 0o600)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except OSError as err:
+        raise PermissionError(f"cannot write to output directory {parent!r}: "
+                              f"{err.strerror or err}") from err
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --- writers --------------------------------------------------------------------------------
+
+def save_video(video, path: str, fps: int = FPS, denoise: bool = True, crop: bool = True) -> str:
+    """Write an H.264 mp4 and return ``path``.
+
+    ``video``: a float tensor (B, F, 3, H, W) in ~[-1, 1] (converted and, with ``crop``,
+    centre-cropped here) or an already post-processed uint8 array (F, H, W, 3), e.g. from the VAE
+    service (cropped too when ``crop``; the crop of an already cropped video is a no-op).
+    """
+    import imageio_ffmpeg
+
+    frames = pad_to_even(as_frames(video, crop=crop))
+    height, width = frames.shape[1:3]
+    output_params = ["-vf", DENOISE_FILTER] if denoise else []
+    path = os.fspath(path)
+    with _atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            tmp, (width, height), fps=fps, codec=CODEC, pix_fmt_out=PIX_FMT,
+            macro_block_size=1, ffmpeg_log_level="error", output_params=output_params)
+        writer.send(None)  # start ffmpeg
+        try:
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        finally:
+            writer.close()
+    return path
+
+
+def contact_sheet(frames, path: str, n: int = 8, cols: int = 4) -> str:
+    """A PNG grid of ``n`` evenly spaced frames (first and last included), ``cols`` per row."""
+    from PIL import Image
+
+    frames = as_frames(frames)
+    if n < 1 or cols < 1:
+        raise ValueError(f"n and cols must be >= 1, got n={n}, cols={cols}")
+    picks = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
+    cols = min(cols, len(picks))
+    rows = math.ceil(len(picks) / cols)
+    height, width = frames.shape[1:3]
+    sheet = Image.new("RGB", (cols * width, rows * height))
+    for i, idx in enumerate(picks):
+        sheet.paste(Image.fromarray(frames[idx]), ((i % cols) * width, (i // cols) * height))
+    path = os.fspath(path)
+    with _atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
+
+
+# --- reader ---------------------------------------------------------------------------------
+
+def read_video_info(path: str) -> dict:
+    """{frames, width, height, fps, codec} of a video file; frames are counted by decoding."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(os.fspath(path))
+    try:
+        meta = next(reader)
+        count = sum(1 for _ in reader)
+    finally:
+        reader.close()
+    width, height = meta["size"]
+    return {"frames": count, "width": width, "height": height, "fps": meta["fps"],
+            "codec": meta["codec"]}
+
+
+def read_frames(path: str) -> np.ndarray:
+    """All frames of a video file as uint8 (F, H, W, 3)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(os.fspath(path))
+    try:
+        width, height = next(reader)["size"]
+        frames = [np.frombuffer(b, np.uint8).reshape(height, width, 3) for b in reader]
+    finally:
+        reader.close()
+    return np.stack(frames)

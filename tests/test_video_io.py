@@ -1,0 +1,152 @@
+"""stepvideo.video_io: the kit's post-processing vectors and real H.264 files read back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conformance import load_json, load_tensors
+from stepvideo.video_io import (contact_sheet, crop_540p, read_frames, read_video_info,
+                                save_video, to_uint8_frames)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_json("postprocess.json")
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return load_tensors("postprocess.safetensors")
+
+
+def _case_a_input(vectors):
+    """caseA_base upsampled 16x by nearest neighbour on H and W (kit section 9)."""
+    return vectors["caseA_base"].repeat_interleave(16, dim=-2).repeat_interleave(16, dim=-1)
+
+
+# --- kit vectors ----------------------------------------------------------------------------
+
+def test_case_a_writer_array(spec, vectors):
+    video = _case_a_input(vectors)
+    assert tuple(video.shape[-2:]) == (544, 992)
+    frames = crop_540p(to_uint8_frames(video))
+    assert list(frames.shape) == spec["caseA"]["output_shape"]
+    assert frames.dtype == np.uint8
+    every8th = vectors["caseA_writer_array_every8th"].numpy()
+    np.testing.assert_array_equal(frames[:, ::8, ::8], every8th)
+    digest = hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
+    assert digest == spec["caseA"]["output_sha256"]
+
+
+def test_case_b_batch_stacked_and_not_cropped(vectors):
+    frames = crop_540p(to_uint8_frames(vectors["caseB_input"]))
+    np.testing.assert_array_equal(frames, vectors["caseB_writer_array"].numpy())
+
+
+def test_truncation_not_rounding():
+    # -0.99 -> 1.275 -> 1 ; 0.999 -> 254.8725 -> 254 ; beyond [-1, 1] is clamped.
+    video = torch.tensor([-2.0, -0.99, 0.0, 0.999, 3.0]).view(1, 1, 1, 1, 5).expand(1, 1, 3, 1, 5)
+    assert to_uint8_frames(video)[0, 0, :, 0].tolist() == [0, 1, 127, 254, 255]
+
+
+def test_crop_orientation():
+    def shape(h, w):
+        return crop_540p(np.zeros((1, h, w, 3), np.uint8)).shape[1:3]
+
+    assert shape(544, 992) == (540, 960)  # landscape
+    assert shape(992, 544) == (960, 540)  # portrait
+    assert shape(1088, 992) == (960, 540)  # batch 2 at 544x992 stacked: portrait (quirk 32)
+    assert shape(768, 768) == (768, 768)  # square kept
+    # Smaller than the crop: kept whole (the release's raw slicing would keep 30 rows here).
+    assert shape(480, 832) == (480, 832)
+
+
+# --- real files -----------------------------------------------------------------------------
+
+def _gradient_video(frames=6, height=64, width=96, batch=1):
+    """(B, F, 3, H, W) in [-1, 1] that brightens over time."""
+    ramp = torch.linspace(-1, 1, width).view(1, 1, 1, 1, width)
+    time = torch.linspace(-0.5, 0.5, frames).view(1, frames, 1, 1, 1)
+    return (ramp + time).clamp(-1, 1).expand(batch, frames, 3, height, width).contiguous()
+
+
+def test_h264_written_and_read_back(tmp_path):
+    path = save_video(_gradient_video(frames=6, batch=2), tmp_path / "sub" / "dir" / "v.mp4")
+    assert os.path.isfile(path)
+    info = read_video_info(path)
+    assert info == {"frames": 6, "width": 96, "height": 128, "fps": 25.0, "codec": "h264"}
+    assert [p.name for p in (tmp_path / "sub" / "dir").iterdir()] == ["v.mp4"]  # no temp left
+
+
+def test_crop_on_and_off(tmp_path, vectors):
+    video = _case_a_input(vectors).expand(1, 3, 3, 544, 992)
+    cropped = read_video_info(save_video(video, tmp_path / "c.mp4"))
+    full = read_video_info(save_video(video, tmp_path / "f.mp4", crop=False))
+    assert (cropped["width"], cropped["height"]) == (960, 540)
+    assert (full["width"], full["height"]) == (992, 544)
+
+
+def test_denoise_on_and_off(tmp_path):
+    # Grey frames with +-12 levels of brightness flicker: atadenoise averages it away over time.
+    rng = np.random.default_rng(0)
+    flicker = rng.integers(-12, 13, size=(16, 1, 1, 1))
+    frames = (np.full((16, 64, 96, 3), 128) + flicker).astype(np.uint8)
+
+    def decoded_flicker(denoise):
+        out = read_frames(save_video(frames, tmp_path / f"d{denoise}.mp4", denoise=denoise))
+        return np.abs(np.diff(out.astype(float).mean(axis=(1, 2, 3)))).mean()
+
+    raw = np.abs(np.diff(frames.astype(float).mean(axis=(1, 2, 3)))).mean()
+    assert decoded_flicker(False) == pytest.approx(raw, abs=1.0)
+    assert decoded_flicker(True) < 0.7 * raw
+
+
+def test_uint8_input_and_odd_size(tmp_path):
+    # An already post-processed uint8 (F, H, W, 3) array, odd height and width: padded to even.
+    frames = np.random.default_rng(1).integers(0, 256, size=(4, 33, 45, 3), dtype=np.uint8)
+    info = read_video_info(save_video(frames, tmp_path / "odd.mp4", crop=False))
+    assert (info["frames"], info["width"], info["height"]) == (4, 46, 34)
+
+
+def test_overwrites_existing_file(tmp_path):
+    target = tmp_path / "v.mp4"
+    target.write_bytes(b"old")
+    save_video(_gradient_video(frames=2), target)
+    assert read_video_info(target)["frames"] == 2
+
+
+def test_unwritable_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot create output directory"):
+        save_video(_gradient_video(frames=2), blocker / "v.mp4")
+
+
+def test_read_only_directory_is_a_clear_error(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root ignores the mode bits: make the access check say what it would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if os.fspath(p) == str(locked)
+                            else real_access(p, m))
+    with pytest.raises(PermissionError, match="not writable"):
+        save_video(_gradient_video(frames=2), locked / "v.mp4")
+    assert list(locked.iterdir()) == []
+
+
+def test_contact_sheet(tmp_path):
+    frames = to_uint8_frames(_gradient_video(frames=10, height=20, width=30))
+    path = contact_sheet(frames, tmp_path / "sheet.png", n=8, cols=4)
+    with Image.open(path) as sheet:
+        assert sheet.format == "PNG"
+        assert sheet.size == (4 * 30, 2 * 20)
+        first_tile = np.asarray(sheet.convert("RGB"))[:20, :30]
+    np.testing.assert_array_equal(first_tile, frames[0])
+    with Image.open(contact_sheet(frames[:3], tmp_path / "few.png", n=8, cols=4)) as few:
+        assert few.size == (3 * 30, 20)  # fewer frames than n: one row of 3
