@@ -191,17 +191,19 @@ def check_writable(directory: str) -> None:
                              "directory") from e
 
 
-def check_services(req: GenerationRequest) -> None:
-    from .service.client import ServiceError, service_health
+def check_services(req: GenerationRequest, wait_s: float = 900.0) -> None:
+    """Both services answer /health; one still loading its models is waited for."""
+    from .service.client import RemoteTextEncoder, RemoteVAE, ServiceError
 
-    for name, url in (("caption", req.caption_url), ("vae", req.vae_url)):
+    for flag, client in (("caption_url", RemoteTextEncoder(req.caption_url)),
+                         ("vae_url", RemoteVAE(req.vae_url))):
         try:
-            service_health(url)
-        except ServiceError as e:
+            if client.health().get("status") != "ready":
+                client.wait_ready(timeout=wait_s)
+        except (ServiceError, ValueError) as e:
             raise PreflightError(
-                f"the {name} service at {url} is not ready: {e}. Start it with "
-                f"`python api/call_remote_server.py --model_dir {req.model_dir}` and pass its "
-                f"address with --{name}_url") from e
+                f"{e}. Start it with `python api/call_remote_server.py --model_dir "
+                f"{req.model_dir}` and pass its address with --{flag}") from e
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ def output_stem(req: GenerationRequest) -> str:
 def broadcast_text(text: TextEmbeddings | None, ctx: ParallelContext, device, dtype) -> TextEmbeddings:
     """Rank 0's embeddings on every rank (shapes first, then the tensors; no pickling)."""
     if ctx.world_size == 1:
-        return text
+        return text.to(device, dtype)
     import torch.distributed as dist
 
     shapes = torch.zeros(6, dtype=torch.long)
@@ -308,10 +310,10 @@ class VideoGenerator:
         return tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
 
     def _write(self, req: GenerationRequest, x: torch.Tensor, times: dict) -> dict:
-        from .video_io import contact_sheet, save_video
+        from .video_io import contact_sheet, save_video, stack_batch
 
         t0 = time.perf_counter()
-        frames = self.vae.decode_uint8(x.float().cpu())  # (F, H, W, 3) post-processed on the server
+        frames = stack_batch(self.vae.decode_uint8(x.float().cpu()))  # (F, H, W, 3), uint8 on the wire
         times["vae_decode"] = time.perf_counter() - t0
         stem = output_stem(req)
         t0 = time.perf_counter()

@@ -38,6 +38,14 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     Computed in float32 (the kit's dtype; bf16 input is upcast first). NaNs, which would hit an
     undefined float->uint8 cast, become 0.0 (mid grey) with a warning.
     """
+    return stack_batch(uint8_per_sample(video))
+
+
+def uint8_per_sample(video: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, H, W) float -> uint8 (B, F, H, W, 3): the release's arithmetic, per sample.
+
+    The VAE service sends this (a quarter of the float32 bytes); ``stack_batch`` finishes it.
+    """
     video = torch.as_tensor(video)
     if video.dim() != 5 or video.shape[2] != 3:
         raise ValueError(f"video must be (B, F, 3, H, W), got {tuple(video.shape)}")
@@ -46,9 +54,14 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
         warnings.warn("video contains NaN values; writing them as mid grey", RuntimeWarning)
         x = torch.nan_to_num(x, nan=0.0)
     x = (x.clamp(-1, 1) + 1) * 127.5
-    x = torch.cat(list(x), dim=-2)  # (F, 3, B*H, W)
     x = x.clamp(0, 255).to(torch.uint8)  # truncation toward zero, not rounding
-    return x.numpy().transpose(0, 2, 3, 1)  # (F, B*H, W, 3)
+    return x.permute(0, 1, 3, 4, 2).contiguous()
+
+
+def stack_batch(frames) -> np.ndarray:
+    """uint8 (B, F, H, W, 3) -> (F, B*H, W, 3): the batch stacked along the height."""
+    frames = np.asarray(frames.cpu() if isinstance(frames, torch.Tensor) else frames)
+    return np.concatenate(list(frames), axis=1)
 
 
 def crop_540p(frames: np.ndarray) -> np.ndarray:
@@ -74,11 +87,11 @@ def crop_540p(frames: np.ndarray) -> np.ndarray:
 
 
 def as_frames(video, crop: bool = False) -> np.ndarray:
-    """A float tensor (B,F,3,H,W) or a post-processed uint8 array (F,H,W,3) -> uint8 (F,H,W,3)."""
-    if isinstance(video, np.ndarray) and video.dtype == np.uint8:
-        frames = video
-    elif isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
-        frames = video.cpu().numpy()
+    """A float tensor (B,F,3,H,W), or post-processed uint8 (F,H,W,3) or (B,F,H,W,3) -> uint8 (F,H,W,3)."""
+    if isinstance(video, (np.ndarray, torch.Tensor)) and video.dtype in (np.uint8, torch.uint8):
+        frames = np.asarray(video.cpu() if isinstance(video, torch.Tensor) else video)
+        if frames.ndim == 5:  # (B, F, H, W, 3) from the VAE service
+            frames = stack_batch(frames)
     else:
         frames = to_uint8_frames(video)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:

@@ -1,0 +1,141 @@
+"""The runner end to end: scripts/demo.sh (tiny model, real service, torchrun, H.264), seeds, and
+one-line errors for bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from stepvideo.runner import request_from_args
+from stepvideo.tiny import write_tiny_model
+from stepvideo.video_io import read_frames, read_video_info
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def service(model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "api" / "call_remote_server.py"),
+                             "--model_dir", model_dir, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://{url}/health", timeout=2).json().get("status") == "ready":
+                break
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def run_cli(args, nproc=1, timeout=300):
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "run_parallel.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(ROOT / "run_parallel.py")]
+    return subprocess.run(cmd + args, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_demo_script_makes_a_real_video(tmp_path):
+    env = {**ENV, "DEMO_DIR": str(tmp_path), "DEMO_PORT": str(free_port()), "DEMO_STEPS": "3"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("wrote ")][-1]
+    mp4, sidecar, sheet = re.match(r"wrote (\S+\.mp4) .* sidecar (\S+\.json), contact sheet (\S+\.png)",
+                                   line).groups()
+    info = read_video_info(mp4)
+    assert (info["frames"], info["width"], info["height"]) == (17, 128, 128)
+    assert info["fps"] == 25 and info["codec"].startswith("h264")
+    record = json.loads(Path(sidecar).read_text())
+    assert record["degrees"]["world_size"] == 2 and record["degrees"]["ulysses_degree"] == 2
+    assert record["seed"] == 42 and record["settings"]["infer_steps"] == 3
+    assert {"text_encode", "denoise", "vae_decode", "write"} <= set(record["times_s"])
+    assert Path(sheet).stat().st_size > 0
+
+
+def _video(service, model_dir, out, seed, extra=()):
+    args = ["--model_dir", model_dir, "--vae_url", service, "--caption_url", service, "--prompt",
+            "a lighthouse in a storm", "--num_frames", "17", "--height", "64", "--width", "96",
+            "--infer_steps", "2", "--seed", str(seed), "--save_path", str(out), *extra]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_frames(next(Path(out).glob(f"*seed{seed}*.mp4")))
+
+
+def test_seed_decides_the_video(service, model_dir, tmp_path):
+    a = _video(service, model_dir, tmp_path / "a", 1)
+    b = _video(service, model_dir, tmp_path / "b", 1)
+    c = _video(service, model_dir, tmp_path / "c", 2)
+    assert a.shape == (17, 64, 96, 3)
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1.0
+
+
+def _one_line_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_bad_flags_give_one_clear_message(service, model_dir, tmp_path):
+    base = ["--vae_url", service, "--caption_url", service, "--prompt", "x",
+            "--save_path", str(tmp_path / "o")]
+    _one_line_error(run_cli(["--model_dir", str(tmp_path / "missing"), *base]),
+                    r"--model_dir .*missing does not exist")
+    env_rank = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), "--model_dir", model_dir,
+                           *base, "--ulysses_degree", "3"], capture_output=True, text=True,
+                          env={**ENV, **env_rank}, timeout=120)
+    _one_line_error(proc, r"2 heads are not divisible by ulysses degree 3")
+    _one_line_error(run_cli(["--model_dir", model_dir, *base, "--ulysses_degree", "2"]),
+                    r"world size 1 != ulysses 2")
+    dead = f"127.0.0.1:{free_port()}"
+    proc = run_cli(["--model_dir", model_dir, "--vae_url", dead, "--caption_url", dead,
+                    "--prompt", "x", "--save_path", str(tmp_path / "o")])
+    _one_line_error(proc, r"caption service at .* unreachable")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    _one_line_error(run_cli(["--model_dir", model_dir, *base[:-1], str(blocker / "sub")]),
+                    r"--save_path .* is not writable")
+
+
+def test_presets_and_help():
+    req = request_from_args(["--model_dir", "m", "--prompt", "p", "--preset", "turbo"])
+    assert (req.infer_steps, req.cfg_scale, req.time_shift) == (15, 5.0, 17.0)
+    req = request_from_args(["--model_dir", "m", "--prompt", "p", "--cfg_scale", "7", "--cfg_parallel"])
+    assert (req.infer_steps, req.cfg_scale, req.time_shift) == (50, 7.0, 13.0)
+    assert req.parallel.cfg_degree == 2 and (req.height, req.width, req.num_frames) == (544, 992, 204)
+    out = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--ulysses_degree" in out.stdout and "--cfg_parallel" in out.stdout
