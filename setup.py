@@ -28,7 +28,7 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.6", "xfuser>=0.4.1", "yunchang>=0.6"],
+        "gpu": ["flash-attn>=2.6", "yunchang==0.6.4"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
 )
