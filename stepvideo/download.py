@@ -1,0 +1,197 @@
+"""Fetch the released weights and check that a model directory is complete.
+
+``python -m stepvideo.download DIR`` downloads ``stepfun-ai/stepvideo-t2v`` into DIR with
+``huggingface_hub.snapshot_download``, skipping what this package does not use (the proprietary
+``lib/*.so`` attention library and the version-1 VAE ``vae/vae.safetensors``). Interrupted downloads
+resume: run the same command again.
+
+``--turbo`` makes DIR a complete Turbo model directory: ``transformer/``, ``scheduler/`` and
+``model_index.json`` come from ``stepfun-ai/stepvideo-t2v-turbo`` (which holds nothing else), and
+``step_llm/``, ``hunyuan_clip/`` and ``vae/`` from the base repository. Every loader, the service
+and the runner then take DIR as ``--model_dir`` exactly like a base directory. (Keep base and
+Turbo in separate directories: both have a ``transformer/``.)
+
+:func:`check_model_dir` is the completeness check the loaders, the service and the runner share:
+it lists every missing file and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from .weights import CheckpointError, read_json
+
+BASE_REPO = "stepfun-ai/stepvideo-t2v"
+TURBO_REPO = "stepfun-ai/stepvideo-t2v-turbo"
+
+PARTS = ("transformer", "scheduler", "step_llm", "hunyuan_clip", "vae")
+SERVICE_PARTS = ("step_llm", "hunyuan_clip", "vae")   # what api/call_remote_server.py hosts
+DIT_PARTS = ("transformer", "scheduler")              # what the DiT ranks load
+
+# Files each part needs; sharded parts also need every shard their index lists.
+PART_FILES: Mapping[str, tuple[str, ...]] = {
+    "transformer": ("transformer/config.json",
+                    "transformer/diffusion_pytorch_model.safetensors.index.json"),
+    "scheduler": ("scheduler/scheduler_config.json",),
+    "step_llm": ("step_llm/config.json", "step_llm/model.safetensors.index.json",
+                 "step_llm/step1_chat_tokenizer.model"),
+    "hunyuan_clip": ("hunyuan_clip/clip_text_encoder/config.json",
+                     "hunyuan_clip/clip_text_encoder/pytorch_model.bin",
+                     "hunyuan_clip/tokenizer/vocab.txt"),
+    "vae": ("vae/vae_v2.safetensors",),
+}
+SHARD_INDEX = {"transformer": "transformer/diffusion_pytorch_model.safetensors.index.json",
+               "step_llm": "step_llm/model.safetensors.index.json"}
+
+PART_PATTERNS: Mapping[str, tuple[str, ...]] = {
+    "transformer": ("transformer/*",),
+    "scheduler": ("scheduler/*",),
+    "step_llm": ("step_llm/*",),
+    "hunyuan_clip": ("hunyuan_clip/*",),
+    "vae": ("vae/vae_v2.safetensors", "vae/config.json"),
+}
+IGNORE_PATTERNS = ("lib/*", "*.so", "vae/vae.safetensors")
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """One ``snapshot_download`` call."""
+
+    repo_id: str
+    allow_patterns: tuple[str, ...]
+    ignore_patterns: tuple[str, ...] = IGNORE_PATTERNS
+
+
+def download_plan(turbo: bool = False, parts: Sequence[str] = PARTS) -> list[Fetch]:
+    """The snapshot_download calls that fill a directory with ``parts`` (pure, no network)."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
+    dit = [p for p in parts if p in DIT_PARTS]
+    rest = [p for p in parts if p not in DIT_PARTS]
+    dit_patterns = (("model_index.json",) if dit else ()) + _patterns(dit)
+    if not turbo:
+        return [Fetch(BASE_REPO, dit_patterns + _patterns(rest))]
+    plan = [Fetch(TURBO_REPO, dit_patterns)] if dit else []
+    return plan + ([Fetch(BASE_REPO, _patterns(rest))] if rest else [])
+
+
+def _patterns(parts: Iterable[str]) -> tuple[str, ...]:
+    return tuple(p for part in parts for p in PART_PATTERNS[part])
+
+
+def select_files(repo_files: Iterable[str], fetch: Fetch) -> list[str]:
+    """The files of ``repo_files`` that ``fetch`` downloads (snapshot_download's own filter)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(list(repo_files), allow_patterns=list(fetch.allow_patterns),
+                                    ignore_patterns=list(fetch.ignore_patterns)))
+
+
+def download(directory: str, turbo: bool = False, parts: Sequence[str] = PARTS,
+             revision: str | None = None, token: str | None = None, max_workers: int = 8) -> str:
+    """Download (or resume) into ``directory``, then run :func:`check_model_dir`."""
+    from huggingface_hub import snapshot_download
+
+    for fetch in download_plan(turbo, parts):
+        print(f"fetching {fetch.repo_id}: {', '.join(fetch.allow_patterns)}", flush=True)
+        snapshot_download(fetch.repo_id, local_dir=directory, revision=revision, token=token,
+                          allow_patterns=list(fetch.allow_patterns),
+                          ignore_patterns=list(fetch.ignore_patterns), max_workers=max_workers)
+    check_model_dir(directory, parts)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness check
+# --------------------------------------------------------------------------------------------
+
+def part_dirs_for(model_dir: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Directory of each part: ``model_dir/<part>`` unless ``overrides[part]`` names another (an
+    absolute path, or one relative to ``model_dir`` as the release's ``--clip_dir`` flags are)."""
+    dirs = {part: os.path.join(model_dir, part) for part in PARTS}
+    for part, path in (overrides or {}).items():
+        if part not in dirs:
+            raise ValueError(f"unknown part {part!r}; choose from {list(PARTS)}")
+        dirs[part] = path if os.path.isabs(path) else os.path.join(model_dir, path)
+    return dirs
+
+
+def missing_files(model_dir: str, parts: Sequence[str] = PARTS,
+                  part_dirs: Mapping[str, str] | None = None) -> list[str]:
+    """Paths a complete directory has and this one lacks, including shards an index lists."""
+    dirs = part_dirs_for(model_dir, part_dirs)
+    missing = []
+    for part in parts:
+        if part not in PART_FILES:
+            raise ValueError(f"unknown part {part!r}; choose from {list(PARTS)}")
+        base = dirs[part]
+        for rel in PART_FILES[part]:
+            path = os.path.join(base, rel.split("/", 1)[1])
+            if not os.path.isfile(path):
+                missing.append(path)
+        if part in SHARD_INDEX:
+            missing += _missing_shards(os.path.join(base, SHARD_INDEX[part].split("/", 1)[1]))
+    return missing
+
+
+def _missing_shards(index_path: str) -> list[str]:
+    if not os.path.isfile(index_path):
+        return []
+    weight_map = read_json(index_path, "checkpoint index").get("weight_map") or {}
+    folder = os.path.dirname(index_path)
+    shards = sorted(set(weight_map.values()))
+    return [os.path.join(folder, s) for s in shards if not os.path.isfile(os.path.join(folder, s))]
+
+
+def check_model_dir(model_dir: str, parts: Sequence[str] = PARTS,
+                    part_dirs: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return ``{part: directory}`` if every file of ``parts`` is present, else raise a
+    CheckpointError that lists the missing files and how to get them."""
+    missing = missing_files(model_dir, parts, part_dirs)
+    if missing:
+        shown = "\n  ".join(missing[:30]) + (f"\n  ... ({len(missing) - 30} more)"
+                                              if len(missing) > 30 else "")
+        raise CheckpointError(
+            f"model directory {model_dir} is incomplete for {', '.join(parts)}: "
+            f"{len(missing)} file(s) missing:\n  {shown}\n"
+            f"Fix: `python -m stepvideo.download {model_dir}` (add --turbo for a Turbo directory) "
+            "fetches them and resumes a partial download; for tests and demos "
+            f"`python -m stepvideo.tiny {model_dir}` writes a tiny model.")
+    dirs = part_dirs_for(model_dir, part_dirs)
+    return {part: dirs[part] for part in parts}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stepvideo.download",
+        description="Download the Step-Video-T2V weights (resumable) and check the directory. "
+                    "Skips lib/*.so and the v1 VAE, which this package does not use.")
+    parser.add_argument("directory", help="target model directory")
+    parser.add_argument("--turbo", action="store_true",
+                        help=f"transformer/ and scheduler/ from {TURBO_REPO}, encoders and VAE "
+                             f"from {BASE_REPO}: DIR becomes a complete Turbo directory")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="only these parts (e.g. the service host needs step_llm "
+                             "hunyuan_clip vae)")
+    parser.add_argument("--revision", default=None, help="a branch, tag or commit of the repos")
+    parser.add_argument("--token", default=None,
+                        help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that DIR is complete; download nothing")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            check_model_dir(args.directory, args.parts)
+        else:
+            download(args.directory, args.turbo, args.parts, args.revision, args.token)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from e
+    print(f"{args.directory}: complete ({', '.join(args.parts)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Text-encoder and VAE backends for the pipeline: remote (the HTTP service) or in-process.
+
+Both kinds implement the pipeline's interfaces (``encode(prompts) -> TextEmbeddings``,
+``decode(latents) -> video``) and the remote ones return exactly what the in-process ones compute,
+because the server *is* the in-process classes behind HTTP.
+
+URLs: ``normalize_url`` accepts ``host``, ``host:port`` or a full URL. A bare host (no scheme)
+gets port :data:`DEFAULT_PORT` (8080, the server's default); a URL with a scheme keeps that scheme's
+usual port unless it names one. A trailing endpoint path (``/caption-api``) is dropped, so the
+release's style of passing the endpoint URL also works.
+
+Retries: connection failures (refused, reset, connect timeout: the server is down or restarting)
+and retryable 503s (the server is still loading its models or a model's queue is full; a 503 for a
+model that failed to load is final) are retried with exponential backoff for up to
+``RetryPolicy.max_wait`` seconds. 4xx answers, 500 (a model failed) and read
+timeouts are not retried: they raise :class:`ServiceError` naming the service, the URL, the HTTP
+status and the server's message.
+
+Token: the ``token`` argument, else the ``STEPVIDEO_API_TOKEN`` environment variable; sent as
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..diffusion.video_pipeline import TextEmbeddings
+from .protocol import (CONTENT_TYPE, CaptionRequest, CaptionResponse, ProtocolError, VAERequest,
+                       VAEResponse)
+
+DEFAULT_PORT = 8080
+TOKEN_ENV = "STEPVIDEO_API_TOKEN"
+ENDPOINTS = ("/caption-api", "/vae-api", "/health", "/info")
+
+
+# --------------------------------------------------------------------------------------------
+# In-process backends (the server hosts these)
+# --------------------------------------------------------------------------------------------
+
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, H, W) float in [-1, 1] -> (B, F, H, W, 3) uint8 as the release post-processes
+    (SPEC section 8): clamp to [-1, 1], (x + 1) * 127.5 in float32, clamp to [0, 255], truncate."""
+    x = (video.float().clamp(-1, 1) + 1) * 127.5
+    return x.clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+
+
+class LocalVAE:
+    """The Video-VAE in this process. ``decode`` returns (B, F, 3, H, W) in the VAE's dtype on the
+    CPU; ``decode_uint8`` post-processes chunk by chunk, so the float video is never whole."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @classmethod
+    def from_dir(cls, vae_dir: str, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> "LocalVAE":
+        from ..vae.vae import AutoencoderKL
+
+        return cls(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, device=device))
+
+    @property
+    def z_channels(self) -> int:
+        return self.vae.config.z_channels
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents).cpu()
+
+    @torch.inference_mode()
+    def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
+        pieces = [to_uint8_frames(piece.cpu()) for piece in self.vae.iter_decode(latents)]
+        return torch.cat(pieces, dim=1)
+
+
+class LocalTextEncoder:
+    """Step-1 LLM + HunyuanCLIP in this process: ``encode(prompts) -> TextEmbeddings`` with
+    y (B, 320, llm_dim), mask (B, 77 + 320) (the 77 CLIP ones first) and clip (B, 77, clip_dim).
+
+    Each prompt is encoded on its own (batch 1), so a prompt's embedding never depends on the
+    other prompts of a request or on the cache. ``dtype`` is the output dtype (the release sends
+    bf16; CLIP itself runs in float32). ``cache_size`` > 0 keeps that many prompts' embeddings
+    (bounded LRU keyed by text and both max lengths): the negative prompt repeats on every call.
+    """
+
+    def __init__(self, llm, clip, dtype: torch.dtype | None = None, cache_size: int = 0):
+        self.llm, self.clip, self.dtype = llm, clip, dtype
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[tuple, TextEmbeddings] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @classmethod
+    def from_dirs(cls, llm_dir: str, clip_dir: str, dtype: torch.dtype = torch.bfloat16,
+                  device: str | torch.device = "cpu", cache_size: int = 0,
+                  llm_max_length: int = 320, clip_max_length: int = 77) -> "LocalTextEncoder":
+        from ..text_encoder.clip import HunyuanClip
+        from ..text_encoder.stepllm import STEP1TextEncoder
+
+        llm = STEP1TextEncoder(llm_dir, max_length=llm_max_length, dtype=dtype, device=device)
+        clip = HunyuanClip(clip_dir, max_length=clip_max_length, dtype=torch.float32, device=device)
+        return cls(llm, clip, dtype=dtype, cache_size=cache_size)
+
+    @property
+    def max_lengths(self) -> tuple[int, int]:
+        return self.llm.max_length, self.clip.max_length
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        return TextEmbeddings.cat(self._encode_cached(p) for p in prompts)
+
+    def _encode_cached(self, prompt: str) -> TextEmbeddings:
+        key = (prompt, *self.max_lengths)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        out = self._encode_one(prompt)
+        if self.cache_size > 0:
+            with self._lock:
+                self._cache[key] = out
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    @torch.inference_mode()
+    def _encode_one(self, prompt: str) -> TextEmbeddings:
+        y, y_mask = self.llm([prompt])            # (1, Ly, D), (1, Ly)
+        clip, _ = self.clip([prompt])             # (1, Lc, C)
+        y_mask = y_mask.cpu()
+        mask = torch.cat([torch.ones(1, clip.shape[1], dtype=y_mask.dtype), y_mask], dim=1)
+        dtype = self.dtype or y.dtype
+        return TextEmbeddings(y.cpu().to(dtype), mask, clip.cpu().to(dtype))
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "size": len(self._cache),
+                    "capacity": self.cache_size}
+
+
+# --------------------------------------------------------------------------------------------
+# Remote backends
+# --------------------------------------------------------------------------------------------
+
+def normalize_url(url: str, default_port: int = DEFAULT_PORT) -> str:
+    """``host``, ``host:port`` or ``scheme://host[:port][/prefix]`` ->
+    ``scheme://host:port[/prefix]``."""
+    text = url.strip()
+    if not text:
+        raise ValueError("empty service URL; pass host, host:port or http://host:port")
+    has_scheme = "://" in text
+    parts = urllib.parse.urlsplit(text if has_scheme else "http://" + text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"bad service URL {url!r}: use host, host:port or http(s)://host:port")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"bad port in service URL {url!r}: {e}") from e
+    if port is None:
+        port = default_port if not has_scheme else (443 if parts.scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    path = parts.path.rstrip("/")
+    for endpoint in ENDPOINTS:
+        if path.endswith(endpoint):
+            path = path[: -len(endpoint)]
+    return f"{parts.scheme}://{host}:{port}{path}"
+
+
+class ServiceError(RuntimeError):
+    """A service call failed; names the service, the URL, the status and the server's message."""
+
+    def __init__(self, service: str, url: str, message: str, status: int | None = None):
+        self.service, self.url, self.status, self.server_message = service, url, status, message
+        where = f"{service} service at {url}"
+        super().__init__(f"{where}: HTTP {status}: {message}" if status else f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for connection failures and 503: 0.5 s, 1 s, 2 s ... capped at ``max_backoff``,
+    for at most ``max_wait`` seconds in all."""
+
+    max_wait: float = 120.0
+    initial_backoff: float = 0.5
+    max_backoff: float = 8.0
+
+    def delays(self):
+        delay, spent = self.initial_backoff, 0.0
+        while spent < self.max_wait:
+            step = min(delay, self.max_backoff, self.max_wait - spent)
+            yield step
+            spent += step
+            delay *= 2
+
+
+class _RemoteService:
+    service = ""
+    endpoint = ""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0,
+                 connect_timeout: float = 10.0, retry: RetryPolicy = RetryPolicy()):
+        self.base_url = normalize_url(url)
+        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        self.timeout, self.connect_timeout, self.retry = timeout, connect_timeout, retry
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.endpoint
+
+    def _headers(self, body: bool) -> dict[str, str]:
+        headers = {"Accept": f"{CONTENT_TYPE}, application/json"}
+        if body:
+            headers["Content-Type"] = CONTENT_TYPE
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def _send(self, method: str, url: str, body: bytes | None):
+        import requests
+
+        return requests.request(method, url, data=body, headers=self._headers(body is not None),
+                                timeout=(self.connect_timeout, self.timeout))
+
+    def _call(self, method: str, url: str, body: bytes | None = None, retry: bool = True):
+        """One request with the retry policy; returns the response of the last attempt."""
+        import requests
+
+        delays = self.retry.delays() if retry else iter(())
+        start, attempts = time.monotonic(), 0
+        while True:
+            attempts += 1
+            try:
+                response = self._send(method, url, body)
+                if not _retryable_503(response):
+                    return response
+                failure: Any = response
+            except requests.ReadTimeout as e:
+                raise ServiceError(self.service, url, f"no answer within {self.timeout} s ({e}); "
+                                   "raise timeout= for long jobs") from e
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                failure = e
+            delay = next(delays, None)
+            if delay is None:
+                if isinstance(failure, Exception):
+                    raise ServiceError(
+                        self.service, url, f"unreachable ({attempts} attempt(s) over "
+                        f"{time.monotonic() - start:.1f} s): {failure}. Is the server running "
+                        "(python api/call_remote_server.py) and is the address right?"
+                    ) from failure
+                return failure
+            time.sleep(delay)
+
+    def _post(self, body: bytes) -> bytes:
+        response = self._call("POST", self.url, body)
+        if response.status_code != 200:
+            raise ServiceError(self.service, self.url, _error_message(response),
+                               response.status_code)
+        content_type = response.headers.get("Content-Type", "")
+        if not content_type.startswith(CONTENT_TYPE):
+            raise ServiceError(self.service, self.url, f"unexpected Content-Type {content_type!r}"
+                               f" in a 200 answer (is this a stepvideo service?)")
+        return response.content
+
+    def _parse(self, parse: Callable[[bytes], Any], body: bytes):
+        try:
+            return parse(body)
+        except ProtocolError as e:
+            raise ServiceError(self.service, self.url, f"bad answer from the server: {e}") from e
+
+    def health(self, retry: bool = False) -> dict[str, Any]:
+        """The server's /health JSON (``status``: loading | ready | failed, with the reasons)."""
+        response = self._call("GET", self.base_url + "/health", retry=retry)
+        return _json_or_error(self.service, self.base_url + "/health", response)
+
+    def info(self) -> dict[str, Any]:
+        response = self._call("GET", self.base_url + "/info")
+        if response.status_code != 200:
+            raise ServiceError(self.service, self.base_url + "/info", _error_message(response),
+                               response.status_code)
+        return _json_or_error(self.service, self.base_url + "/info", response)
+
+    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5) -> dict[str, Any]:
+        """Poll /health until the server reports ready; raise ServiceError on failure or timeout."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.health()
+            except ServiceError as e:
+                last = str(e)
+            if isinstance(last, dict) and last.get("status") == "ready":
+                return last
+            if isinstance(last, dict) and last.get("status") == "failed":
+                raise ServiceError(self.service, self.base_url, f"server failed to load: {last}")
+            time.sleep(poll)
+        raise ServiceError(self.service, self.base_url, f"not ready after {timeout} s: {last}")
+
+
+def _retryable_503(response) -> bool:
+    """A 503 that says the server is loading or busy (not that a model failed to load)."""
+    if response.status_code != 503:
+        return False
+    try:
+        data = response.json()
+    except ValueError:
+        return True   # a proxy's 503: assume the backend is coming back
+    return not isinstance(data, dict) or bool(data.get("retryable", True))
+
+
+def _error_message(response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason
+    return str(data.get("error", data)) if isinstance(data, dict) else str(data)
+
+
+def _json_or_error(service: str, url: str, response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError as e:
+        raise ServiceError(service, url, f"answer is not JSON: {response.text[:200]!r}",
+                           response.status_code) from e
+    if not isinstance(data, dict):
+        raise ServiceError(service, url, f"answer is not a JSON object: {data!r}")
+    return data
+
+
+class RemoteTextEncoder(_RemoteService):
+    """``encode(prompts) -> TextEmbeddings`` through ``POST /caption-api``."""
+
+    service = "caption"
+    endpoint = "/caption-api"
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, **kwargs):
+        super().__init__(url, token, timeout, **kwargs)
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        answer = self._parse(CaptionResponse.from_bytes, self._post(CaptionRequest(tuple(prompts))
+                                                                    .to_bytes()))
+        try:
+            answer.check_shapes(batch=len(prompts))
+        except ProtocolError as e:
+            raise ServiceError(self.service, self.url, f"bad answer from the server: {e}") from e
+        return TextEmbeddings(answer.y, answer.y_mask, answer.clip_embedding)
+
+
+class RemoteVAE(_RemoteService):
+    """``decode(latents)`` -> float video (B, F, 3, H, W) in the server VAE's dtype;
+    ``decode_uint8(latents)`` -> (B, F, H, W, 3) uint8 frames (half or a quarter of the bytes)."""
+
+    service = "vae"
+    endpoint = "/vae-api"
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents, "float")
+
+    def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents, "uint8")
+
+    def _decode(self, latents: torch.Tensor, output: str) -> torch.Tensor:
+        body = VAERequest(latents, output).to_bytes()
+        answer = self._parse(VAEResponse.from_bytes, self._post(body))
+        if answer.output != output:
+            raise ServiceError(self.service, self.url, f"asked for {output} frames, got "
+                               f"{answer.output}")
+        return answer.video
