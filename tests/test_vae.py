@@ -311,3 +311,10 @@ def test_decode_memory_does_not_grow_with_length(model, io):
     video = io["decode2_video"]
     out_bytes = video[:, 0].numel() * 4 * model.frame_len * video.element_size()
     assert peak_cpu_bytes(lambda: model.decode(latent4)) <= 1.1 * one + out_bytes
+
+
+def test_decoder_width_must_hold_the_latent():
+    from stepvideo.vae.vae import VAEConfig
+
+    with pytest.raises(ValueError, match=r"top width .* = 32 must be >= 4 x z_channels = 64"):
+        VAEConfig(z_channels=16, decoder_ch=32, decoder_ch_mult=(1, 1, 2, 1))

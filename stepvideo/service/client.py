@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from ..diffusion.video_pipeline import TextEmbeddings
+from ..video_io import uint8_per_sample as to_uint8_frames
 from .protocol import (CONTENT_TYPE, CaptionRequest, CaptionResponse, ProtocolError, VAERequest,
                        VAEResponse)
 
@@ -44,13 +45,6 @@ ENDPOINTS = ("/caption-api", "/vae-api", "/health", "/info")
 # --------------------------------------------------------------------------------------------
 # In-process backends (the server hosts these)
 # --------------------------------------------------------------------------------------------
-
-def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """(B, F, 3, H, W) float in [-1, 1] -> (B, F, H, W, 3) uint8 as the release post-processes
-    (SPEC section 8): clamp to [-1, 1], (x + 1) * 127.5 in float32, clamp to [0, 255], truncate."""
-    x = (video.float().clamp(-1, 1) + 1) * 127.5
-    return x.clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
-
 
 class LocalVAE:
     """The Video-VAE in this process. ``decode`` returns (B, F, 3, H, W) in the VAE's dtype on the

