@@ -330,7 +330,10 @@ class BenchmarkRun:
         times = {k: float(v) for k, v in record["times_s"].items() if k != "load_transformer"}
         times["text_broadcast"] = times.pop("text_encode", 0.0)
         times["text_encode"] = prefetch_s
-        patch_sidecar_text_time(job.path(".json"), prefetch_s)
+        try:
+            patch_sidecar_text_time(job.path(".json"), prefetch_s)
+        except (OSError, ValueError) as e:  # the check below says what is wrong with the file
+            self.log(f"line {job.entry.index}: could not add the text time to the sidecar: {e}")
         check = job.check()
         times["total"] = time.perf_counter() - t0
         if not check.ok:
@@ -345,6 +348,7 @@ class BenchmarkRun:
     def _failed(self, job: PromptJob, reason: str, position: str) -> None:
         if not self.is_main:
             return
+        reason = " ".join(reason.split())[:500]     # ffmpeg errors carry a banner of many lines
         self._append(job, "failed", reason=reason)
         self.counts["failed"] += 1
         self.log(f"{position} line {job.entry.index} ({job.entry.category}): FAILED: {reason}")
