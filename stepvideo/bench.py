@@ -11,15 +11,15 @@ are selected, so reruns and partial runs reproduce the same videos.
 
 Failures: a service error for one prompt (text encoding or VAE decode), or a write error, is
 recorded in the manifest as ``failed`` with the reason, and the run goes on. Before each prompt,
-rank 0 encodes its text and tells the other ranks whether to go ahead, so a caption failure never
-leaves them waiting in a collective.
+rank 0 encodes its text and tells the other ranks whether to go ahead (an integer broadcast, as is
+the list of prompts left to do; nothing is pickled), so a caption failure never leaves them
+waiting in a collective.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .runner import (GenerationRequest, PreflightError, build_parser, output_stem,
-                     request_from_args, write_json_atomic)
+from .runner import (GenerationRequest, PreflightError, broadcast_ints, build_parser, output_stem,
+                     request_from_namespace)
 from .service.client import ServiceError
 from .suite import (MANIFEST, SUITES, SUMMARY, UNCATEGORIZED, ManifestRecord, PromptEntry,
                     SuiteError, SuiteFiles, append_manifest, categorize, check_outputs,
@@ -36,7 +36,6 @@ from .suite import (MANIFEST, SUITES, SUMMARY, UNCATEGORIZED, ManifestRecord, Pr
                     read_manifest, read_prompts, remove_temp_files, resolve_suite, select,
                     summarize, write_json_file)
 
-PLACEHOLDER_PROMPT = "(run_benchmark: prompts come from the suite)"
 SEED_MODES = ("same", "line")
 # Sidecar settings that must match for an existing video to count as done.
 CHECKED_SETTINGS = ("prompt", "seed", "model_dir", "transformer_dir", "infer_steps", "cfg_scale",
@@ -82,9 +81,8 @@ def add_suite_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_benchmark_parser() -> argparse.ArgumentParser:
-    """``run_parallel.py``'s parser without a required ``--prompt``, plus the suite flags."""
-    p = build_parser()
-    p.prog = "run_benchmark.py"
+    """``run_parallel.py``'s parser without ``--prompt``, plus the suite flags."""
+    p = build_parser("run_benchmark.py", require_prompt=False)
     p.allow_abbrev = False
     p.description = ("Run a prompt suite through Step-Video-T2V under torchrun (same model, "
                      "parallel and sampling flags as run_parallel.py). Writes per prompt "
@@ -93,31 +91,19 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
                      "whose outputs are complete and match the settings; outputs of other "
                      "settings or seeds in a prompt's folder are replaced, so compare settings "
                      "in separate --save_path folders.")
-    prompt = next((a for a in p._actions if "--prompt" in a.option_strings), None)
-    if prompt is None:
-        raise RuntimeError("stepvideo.runner.build_parser() has no --prompt flag any more; "
-                           "update stepvideo.bench.build_benchmark_parser")
-    prompt.required, prompt.help = False, argparse.SUPPRESS
     add_suite_args(p)
     return p
 
 
 def parse_benchmark_args(argv: list[str] | None = None
                          ) -> tuple[BenchmarkOptions, GenerationRequest]:
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_benchmark_parser()
-    full = parser.parse_args(argv)
-    if full.prompt is not None:
-        parser.error("--prompt is not used by run_benchmark.py; put prompts in a file and pass "
-                     "--prompts FILE, or pick --suite")
-    if full.limit is not None and full.limit < 1:
-        parser.error(f"--limit must be >= 1, got {full.limit}")
-    suite_only = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_suite_args(suite_only)
-    ns, rest = suite_only.parse_known_args(argv)
-    opts = BenchmarkOptions(ns.suite, ns.prompts, ns.categories, ns.lines, ns.limit,
-                            ns.seed_mode, not ns.no_gallery)
-    return opts, request_from_args(rest + ["--prompt", PLACEHOLDER_PROMPT])
+    a = parser.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        parser.error(f"--limit must be >= 1, got {a.limit}")
+    opts = BenchmarkOptions(a.suite, a.prompts, a.categories, a.lines, a.limit, a.seed_mode,
+                            not a.no_gallery)
+    return opts, request_from_namespace(a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,49 +187,6 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-class PrefetchedTextEncoder:
-    """Wraps rank 0's text encoder: ``prefetch`` calls the service up front (so a failure is known
-    before the other ranks start), and the next ``encode`` of the same prompts returns it."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self._key: tuple | None = None
-        self._value = None
-
-    def prefetch(self, prompts: list[str]) -> float:
-        t0 = time.perf_counter()
-        self._key, self._value = None, None
-        value = self.inner.encode(list(prompts))
-        self._key, self._value = tuple(prompts), value
-        return time.perf_counter() - t0
-
-    def encode(self, prompts: list[str]):
-        if self._key == tuple(prompts):
-            value, self._key, self._value = self._value, None, None
-            return value
-        return self.inner.encode(prompts)
-
-
-def patch_sidecar_text_time(sidecar: Path, prefetch_s: float) -> None:
-    """The runner timed only the (prefetched) hand-over as ``text_encode``; add the service call
-    so the sidecar tells the same story as the manifest."""
-    record = json.loads(sidecar.read_text(encoding="utf-8"))
-    times = record.setdefault("times_s", {})
-    times["text_encode"] = round(float(times.get("text_encode", 0.0)) + prefetch_s, 4)
-    write_json_atomic(str(sidecar), record)
-
-
-def share(obj, ctx):
-    """Rank 0's ``obj`` on every rank."""
-    if ctx.world_size == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class BenchmarkRun:
     """One invocation: the plan (rank 0), then every remaining prompt on every rank."""
 
@@ -251,9 +194,6 @@ class BenchmarkRun:
         self.gen, self.base, self.run_id, self.log = gen, base, run_id, log
         self.is_main = gen.ctx.is_main
         self.counts = {"generated": 0, "skipped": 0, "failed": 0}
-        if self.is_main:
-            self.text = PrefetchedTextEncoder(gen.text_encoder)
-            gen.text_encoder = self.text
 
     # -- rank 0 --------------------------------------------------------------------------------
 
@@ -301,39 +241,29 @@ class BenchmarkRun:
 
     def run_job(self, job: PromptJob, position: str) -> None:
         t0 = time.perf_counter()
-        refusal, prefetch_s = None, 0.0
-        if self.is_main:
-            refusal, prefetch_s = self._prefetch(job)
-        refusal = share(refusal, self.gen.ctx)
-        if refusal is not None:
+        text, refusal, text_s = None, None, 0.0
+        if self.is_main:  # encode first, so a caption failure is known before the ranks commit
+            try:
+                text = self.gen.encode_text(job.request)
+            except ServiceError as e:
+                refusal = f"text encoding failed: {e}"
+            text_s = time.perf_counter() - t0
+        refused = broadcast_ints([int(refusal is not None)] if self.is_main else None,
+                                 self.gen.ctx, self.gen.device)[0]
+        if refused:
             return self._failed(job, refusal, position)
         try:
-            record = self.gen.generate(job.request, progress=self.is_main)
+            record = self.gen.generate(job.request, progress=self.is_main, text=text,
+                                       text_seconds=text_s)
         except (ServiceError, OSError, ValueError) as e:
             if not self.is_main:
                 raise
             return self._failed(job, f"{type(e).__name__}: {e}", position)
         if self.is_main:
-            self._finish(job, record, prefetch_s, t0, position)
+            self._finish(job, record, t0, position)
 
-    def _prefetch(self, job: PromptJob) -> tuple[str | None, float]:
-        from .diffusion.video_pipeline import cfg_prompts
-
-        r = job.request
-        try:
-            return None, self.text.prefetch(cfg_prompts([r.prompt], r.pos_magic, r.neg_magic))
-        except ServiceError as e:
-            return f"text encoding failed: {e}", 0.0
-
-    def _finish(self, job: PromptJob, record: dict, prefetch_s: float, t0: float,
-                position: str) -> None:
+    def _finish(self, job: PromptJob, record: dict, t0: float, position: str) -> None:
         times = {k: float(v) for k, v in record["times_s"].items() if k != "load_transformer"}
-        times["text_broadcast"] = times.pop("text_encode", 0.0)
-        times["text_encode"] = prefetch_s
-        try:
-            patch_sidecar_text_time(job.path(".json"), prefetch_s)
-        except (OSError, ValueError) as e:  # the check below says what is wrong with the file
-            self.log(f"line {job.entry.index}: could not add the text time to the sidecar: {e}")
         check = job.check()
         times["total"] = time.perf_counter() - t0
         if not check.ok:
@@ -385,10 +315,9 @@ def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = N
     opts, base = parse_benchmark_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     started, started_at = time.perf_counter(), now_iso()
-    files, entries = None, None
     try:
+        files, entries = select_entries(opts)  # every rank reads the suite; rank 0 plans
         if rank == 0:
-            files, entries = select_entries(opts)
             log(describe_selection(files, entries))
         gen = VideoGenerator(base)
     except (PreflightError, SuiteError) as e:
@@ -396,13 +325,14 @@ def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = N
             print(f"error: {e}", file=sys.stderr)
         return 2
     run = BenchmarkRun(gen, base, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", log)
+    jobs = make_jobs(base, entries, opts.seed_mode)
     todo = None
     if run.is_main:
-        jobs = make_jobs(base, entries, opts.seed_mode)
-        todo = run.plan(jobs)
+        todo = [job.entry.index for job in run.plan(jobs)]
         log(f"{len(jobs) - len(todo)} already done, {len(todo)} to run; results go to "
             f"{os.path.abspath(base.save_path)}")
-    todo = share(todo, gen.ctx)
+    wanted = set(broadcast_ints(todo, gen.ctx, gen.device))
+    todo = [job for job in jobs if job.entry.index in wanted]
     for i, job in enumerate(todo, start=1):
         run.run_job(job, f"[{i}/{len(todo)}]")
     if run.is_main:

@@ -65,9 +65,9 @@ class GenerationRequest:
 
 # --- command line -------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run_parallel.py",
+        prog=prog,
         description="Generate a video with Step-Video-T2V. Launch with torchrun; the DiT's tokens are "
                     "split over the ranks, the text encoders and VAE run in the caption/VAE service "
                     "(api/call_remote_server.py). Rank 0 writes <save_path>/<name>.mp4, a .json "
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="DiT weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", required=True, help="what the video shows")
+    if require_prompt:
+        g.add_argument("--prompt", required=True, help="what the video shows")
     g.add_argument("--preset", choices=sorted(PRESETS), default="base",
                    help="defaults for steps/cfg/shift: base 50/9.0/13.0, turbo 15/5.0/17.0")
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps (preset)")
@@ -114,10 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_from_args(argv: list[str] | None = None) -> GenerationRequest:
-    a = build_parser().parse_args(argv)
+    return request_from_namespace(build_parser().parse_args(argv))
+
+
+def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
+    """The request for parsed flags (presets applied); ``prompt`` is empty when there is none."""
     preset = PRESETS[a.preset]
     return GenerationRequest(
-        model_dir=a.model_dir, transformer_dir=a.transformer_dir, prompt=a.prompt,
+        model_dir=a.model_dir, transformer_dir=a.transformer_dir, prompt=getattr(a, "prompt", ""),
         vae_url=a.vae_url, caption_url=a.caption_url,
         infer_steps=a.infer_steps or preset.num_inference_steps,
         cfg_scale=preset.guidance_scale if a.cfg_scale is None else a.cfg_scale,
@@ -159,8 +164,6 @@ def check_request(req: GenerationRequest, world_size: int, rank: int) -> dict:
     """Degrees, checkpoint directory, output directory; returns the DiT config dict."""
     from .modules.model import DiTConfig, check_checkpoint_dir
 
-    if not req.prompt.strip():
-        raise PreflightError("--prompt is empty; say what the video should show")
     if req.infer_steps < 1:
         raise PreflightError(f"--infer_steps must be >= 1, got {req.infer_steps}")
     if not os.path.isdir(req.model_dir):
@@ -213,22 +216,37 @@ def output_stem(req: GenerationRequest) -> str:
     return os.path.join(req.save_path, f"{slug}-seed{req.seed}{req.name_suffix}")
 
 
+def _comm_device(device: torch.device) -> torch.device:
+    return device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA, gloo CPU
+
+
+def broadcast_ints(values: list[int] | None, ctx: ParallelContext, device: torch.device) -> list[int]:
+    """Rank 0's list of integers on every rank (length first, then the values; no pickling)."""
+    if ctx.world_size == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    comm = _comm_device(device)
+    n = torch.tensor([len(values) if ctx.is_main else 0], device=comm)
+    dist.broadcast(n, 0)
+    buf = (torch.tensor(values, dtype=torch.long, device=comm) if ctx.is_main
+           else torch.zeros(int(n), dtype=torch.long, device=comm))
+    if len(buf):
+        dist.broadcast(buf, 0)
+    return buf.tolist()
+
+
 def broadcast_text(text: TextEmbeddings | None, ctx: ParallelContext, device, dtype) -> TextEmbeddings:
     """Rank 0's embeddings on every rank (shapes first, then the tensors; no pickling)."""
     if ctx.world_size == 1:
         return text.to(device, dtype)
     import torch.distributed as dist
 
-    shapes = torch.zeros(6, dtype=torch.long)
-    if ctx.is_main:
-        shapes = torch.tensor([*text.y.shape, text.clip.shape[1], text.clip.shape[2]])
-    comm_dev = device if device.type == "cuda" else torch.device("cpu")
-    shapes = shapes.to(comm_dev)
-    dist.broadcast(shapes, 0)
-    n, ly, dy, lc, dc = shapes.tolist()[:5]
+    shapes = [*text.y.shape, *text.clip.shape[1:]] if ctx.is_main else None
+    n, ly, dy, lc, dc = broadcast_ints(shapes, ctx, device)
     if not ctx.is_main:
         text = TextEmbeddings(torch.empty(n, ly, dy), torch.empty(n, lc + ly), torch.empty(n, lc, dc))
-    parts = [t.float().contiguous().to(comm_dev) for t in (text.y, text.mask, text.clip)]
+    parts = [t.float().contiguous().to(_comm_device(device)) for t in (text.y, text.mask, text.clip)]
     for t in parts:
         dist.broadcast(t, 0)
     return TextEmbeddings(*parts).to(device, dtype)
@@ -264,16 +282,24 @@ class VideoGenerator:
             self.text_encoder = RemoteTextEncoder(req.caption_url)
             self.vae = RemoteVAE(req.vae_url)
 
+    def encode_text(self, req: GenerationRequest) -> TextEmbeddings:
+        """Rank 0: [prompt + pos_magic, neg_magic] through the caption service."""
+        return self.text_encoder.encode(cfg_prompts([req.prompt], req.pos_magic, req.neg_magic))
+
     @torch.inference_mode()
-    def generate(self, req: GenerationRequest, progress: bool = True) -> dict | None:
-        """Run one request; rank 0 returns the record written to the sidecar, other ranks None."""
+    def generate(self, req: GenerationRequest, progress: bool = True,
+                 text: TextEmbeddings | None = None, text_seconds: float = 0.0) -> dict | None:
+        """Run one request; rank 0 returns the record written to the sidecar, other ranks None.
+
+        ``text`` (rank 0) skips the caption call when the caller encoded already, taking
+        ``text_seconds``; every rank must call this for the same request.
+        """
         times: dict[str, float] = {"load_transformer": self.load_seconds}
         t0 = time.perf_counter()
-        text = None
-        if self.ctx.is_main:
-            text = self.text_encoder.encode(cfg_prompts([req.prompt], req.pos_magic, req.neg_magic))
+        if self.ctx.is_main and text is None:
+            text = self.encode_text(req)
         text = broadcast_text(text, self.ctx, self.device, self.dtype)
-        times["text_encode"] = time.perf_counter() - t0
+        times["text_encode"] = time.perf_counter() - t0 + text_seconds
         shape = req.size.latent_shape(1, self.cfg.in_channels)
         latents = initial_noise(shape, req.seed, self.dtype).to(self.device)
         sched = FlowMatchDiscreteScheduler()
@@ -355,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     req = request_from_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        if not req.prompt.strip():
+            raise PreflightError("--prompt is empty; say what the video should show")
         gen = VideoGenerator(req)
         record = gen.generate(req)
     except PreflightError as e:

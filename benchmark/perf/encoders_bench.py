@@ -70,7 +70,6 @@ def step1_case(args, device, dtype) -> dict:
     row = measure("step1", lambda: model(ids), device, args, layers=layers, tokens=args.llm_len,
                   batch=args.batch, attn=args.llm_attn)
     row["median_s_scaled_to_all_layers"] = row["median_s"] * cfg.num_layers / layers
-    del model
     return row
 
 

@@ -23,7 +23,7 @@ class Groups:
         self.cfg, self.rank = cfg, rank
         self.coords = cfg.coords(rank)
         world = cfg.world_size
-        u, r, t = cfg.ulysses_degree, cfg.ring_degree, cfg.tensor_parallel_degree
+        u = cfg.ulysses_degree
         by = {"ulysses": [], "ring": [], "sp": [], "tp": [], "cfg": []}
         for rk in range(world):  # every rank creates every group, in the same order
             c = cfg.coords(rk)
