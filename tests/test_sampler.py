@@ -142,3 +142,21 @@ def test_magic_and_noise():
     assert torch.equal(n1, n2) and not torch.equal(n1, initial_noise((2, 3), 8))
     bf = initial_noise((64,), 7, torch.bfloat16)
     assert torch.equal(bf, bf.bfloat16().float())
+
+
+@torch.no_grad()
+def test_bf16_transformer_gets_a_float32_timestep():
+    """The release rounds t to bf16 before the x1000 (0.3 -> 0.30078); we keep it float32, so a
+    bf16 DiT stays within bf16 noise of the float32 reference."""
+    from stepvideo.diffusion.video_pipeline import guided_velocity
+
+    ref = load_tensors("pipeline_loop.safetensors")
+    text = TextEmbeddings(ref["prompt_embeds"], ref["prompt_attention_mask"], ref["prompt_embeds_2"])
+    t = torch.tensor(0.3)
+    fp32 = guided_velocity(_small_dit(), ref["latents_init"], t, text, 1.0)
+    bf16_model = _small_dit().to(torch.bfloat16)
+    bf16 = guided_velocity(bf16_model, ref["latents_init"], t, text.to(dtype=torch.bfloat16), 1.0)
+    rounded_t = guided_velocity(_small_dit(), ref["latents_init"], t.bfloat16().float(), text, 1.0)
+    scale = fp32.abs().max()
+    assert (bf16 - fp32).abs().max() < 0.05 * scale
+    assert (rounded_t - fp32).abs().max() > (bf16 - fp32).abs().max()

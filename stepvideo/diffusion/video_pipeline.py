@@ -106,10 +106,16 @@ def cfg_prompts(prompts: list[str], pos_magic: str, neg_magic: str) -> list[str]
 
 def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings,
                     guidance: float) -> torch.Tensor:
-    """One CFG prediction: the transformer sees [x, x] against [positive, negative] text."""
+    """One CFG prediction: the transformer sees [x, x] against [positive, negative] text.
+
+    The timestep stays float32 whatever the transformer's dtype. The public release casts it to
+    bf16 first (t = 0.3 becomes 0.30078, i.e. timestep 300.8 instead of 300 after the x1000); on the
+    kit's DiT in bf16 that rounding alone moves the output by 0.61, against 0.027 for everything
+    else bf16 does (measured on CPU, benchmark notes in README).
+    """
     dtype = next(transformer.parameters()).dtype
     xx = torch.cat([x, x]).to(dtype)
-    v = transformer(xx, t.expand(xx.shape[0]).to(dtype), text.y, text.clip, text.mask,
+    v = transformer(xx, t.expand(xx.shape[0]).float(), text.y, text.clip, text.mask,
                     return_dict=False)
     v_pos, v_neg = v.float().chunk(2)
     return cfg_combine(v_pos, v_neg, guidance)

@@ -185,7 +185,7 @@ def cfg_parallel_velocity(groups: Groups):
         dtype = next(transformer.parameters()).dtype
         b = x.shape[0]
         half = text.select(slice(index * b, (index + 1) * b))
-        v = transformer(x.to(dtype), t.expand(b).to(dtype), half.y, half.clip, half.mask,
+        v = transformer(x.to(dtype), t.expand(b).float(), half.y, half.clip, half.mask,
                         return_dict=False).float()
         v_pos, v_neg = _all_gather(v, group, 0).chunk(2)
         return cfg_combine(v_pos, v_neg, guidance)
