@@ -3,7 +3,8 @@
 1. the kit's small DiT on CUDA (fp32 with TF32 off, and bf16) against the kit's output;
 2. the attention seam: CUDA SDPA (and flash-attn when installed) against CPU fp32, with a mask;
 3. the xfuser/yunchang sequence-parallel plan at world size 1 (NCCL) against the local plan;
-4. the full-size VAE decoding one chunk (1,3,64,34,62) in bf16: time and peak memory.
+4. the full-size VAE decoding one chunk (1,3,64,34,62) in bf16: time and peak memory;
+5. the tiny model's whole pipeline in-process on CUDA (bf16) against the same seed on the CPU (fp32).
 Prints one JSON line per check and writes them all to --json.
 """
 
@@ -147,6 +148,32 @@ def vae_chunk():
                    finite=bool(torch.isfinite(out).all()))
 
 
+@guarded
+def tiny_pipeline_cuda():
+    import tempfile
+
+    from stepvideo.diffusion.video_pipeline import StepVideoPipeline
+    from stepvideo.service.client import LocalTextEncoder, LocalVAE
+    from stepvideo.tiny import write_tiny_model
+
+    root = write_tiny_model(tempfile.mkdtemp())
+    outs = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        t0 = time.perf_counter()
+        pipe = StepVideoPipeline.from_pretrained(root, dtype=dtype, device=device)
+        pipe.text_encoder = LocalTextEncoder.from_dirs(f"{root}/step_llm", f"{root}/hunyuan_clip",
+                                                      dtype=dtype, device=device)
+        pipe.vae = LocalVAE.from_dir(f"{root}/vae", dtype=dtype, device=device)
+        video = pipe("a red fox in the snow", num_frames=17, height=128, width=128,
+                     num_inference_steps=4, seed=7, output_type="tensor", return_dict=False)
+        outs[device] = video.float().cpu()
+        report("tiny_pipeline", device=device, dtype=str(dtype), seconds=time.perf_counter() - t0,
+               shape=list(video.shape), finite=bool(torch.isfinite(video).all()))
+    diff = (outs["cuda"] - outs["cpu"]).abs()
+    report("tiny_pipeline_cuda_vs_cpu", max_abs=diff.max().item(), mean_abs=diff.mean().item(),
+           value_range=[outs["cpu"].min().item(), outs["cpu"].max().item()])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="gpu_check.json")
@@ -155,7 +182,7 @@ def main():
     report("env", torch=torch.__version__, device=torch.cuda.get_device_name(0),
            cuda=torch.version.cuda)
     skip = set(filter(None, a.skip.split(",")))
-    for check in (dit_kit, attention_seam, xfuser_plan, vae_chunk):
+    for check in (dit_kit, attention_seam, xfuser_plan, vae_chunk, tiny_pipeline_cuda):
         if check.__name__ not in skip:
             check()
     with open(a.json, "w") as f:
