@@ -76,19 +76,23 @@ def test_intermediates_match_official(model, io, spec):
         assert_close(seen[name].float(), expected.float(), tol, name)
 
 
+def _rope_grid(spec) -> tuple[int, int, int]:
+    f, h, w = re.search(r"rope_positions=\[(\d+),\s*(\d+),\s*(\d+)\]", spec["rope3d"]["call"]).groups()
+    return int(f), int(h), int(w)
+
+
 def test_rope3d_matches_official(spec):
     io = load_tensors(spec["rope3d"]["file"])
-    f, h, w = (int(n) for n in re.search(r"rope_positions=\[(\d+),\s*(\d+),\s*(\d+)\]",
-                                         spec["rope3d"]["call"]).groups())
-    cos, sin = rope_tables(f, h, w, io["x"].shape[-1])
+    cos, sin = rope_tables(*_rope_grid(spec), io["x"].shape[-1])
     assert_close(apply_rope(io["x"], cos, sin), io["output"], spec["tolerance"], "rope3d")
 
 
 def test_rope_is_position_sensitive(spec):
-    """Feeding one shard's tokens another shard's positions must change the result."""
+    """Feeding the tokens of one frame another frame's positions must change the result."""
     io = load_tensors(spec["rope3d"]["file"])
-    cos, sin = rope_tables(3, 4, 6, io["x"].shape[-1])
-    shifted = apply_rope(io["x"], cos.roll(24, 0), sin.roll(24, 0))
+    f, h, w = _rope_grid(spec)
+    cos, sin = rope_tables(f, h, w, io["x"].shape[-1])
+    shifted = apply_rope(io["x"], cos.roll(h * w, 0), sin.roll(h * w, 0))
     assert (shifted - io["output"]).abs().max() > 1e-2
 
 
@@ -193,8 +197,9 @@ def test_config_not_matching_weights(tmp_path, model, spec):
 
 def test_bad_input_shapes(model, io):
     x = io["hidden_states"]
-    with pytest.raises(ValueError, match=r"hidden_states must be \(B, F, 16, H, W\)"):
-        model(x[:, :, :3], io["timestep"], io["encoder_hidden_states"], io["encoder_hidden_states_2"])
+    c = model.config.in_channels
+    with pytest.raises(ValueError, match=rf"hidden_states must be \(B, F, {c}, H, W\)"):
+        model(x[:, :, : c - 1], io["timestep"], io["encoder_hidden_states"], io["encoder_hidden_states_2"])
     with pytest.raises(ValueError, match="encoder_hidden_states must be"):
         model(x, io["timestep"], io["encoder_hidden_states"][..., :5], io["encoder_hidden_states_2"])
 
