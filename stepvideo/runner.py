@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
-from .diffusion.scheduler import FlowMatchDiscreteScheduler
+from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, TextEmbeddings,
                                        VideoSize, cfg_prompts, denoise, guided_velocity, initial_noise)
 from .parallel import ParallelConfig, ParallelContext, setup_parallel
@@ -138,11 +139,15 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
 
 # --- checks before expensive work -----------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world_size: int = 1) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PreflightError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    if name.startswith("cuda:") and world_size > 1:
+        raise PreflightError(f"--device {name} would put all {world_size} ranks on one GPU; pass "
+                             "--device cuda (each rank takes its LOCAL_RANK) and choose GPUs with "
+                             "CUDA_VISIBLE_DEVICES")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
@@ -160,8 +165,8 @@ def transformer_dir(req: GenerationRequest) -> str:
     return sub if os.path.isdir(sub) else root
 
 
-def check_request(req: GenerationRequest, world_size: int, rank: int) -> dict:
-    """Degrees, checkpoint directory, output directory; returns the DiT config dict."""
+def check_request(req: GenerationRequest, world_size: int):
+    """Degrees and the checkpoint directory (the same on every rank); returns the DiTConfig."""
     from .modules.model import DiTConfig, check_checkpoint_dir
 
     if req.infer_steps < 1:
@@ -177,8 +182,6 @@ def check_request(req: GenerationRequest, world_size: int, rank: int) -> dict:
         req.parallel.validate(world_size, cfg.num_attention_heads)
     except (CheckpointError, ValueError, TypeError) as e:
         raise PreflightError(str(e)) from e
-    if rank == 0:
-        check_writable(req.save_path)
     return cfg
 
 
@@ -212,8 +215,11 @@ def check_services(req: GenerationRequest, wait_s: float = 900.0) -> None:
 # --- the job ------------------------------------------------------------------------------------
 
 def output_stem(req: GenerationRequest) -> str:
+    """``<save_path>/<first 50 chars of the prompt>-<8 hex of its SHA-1>-seed<seed><suffix>``: the
+    hash keeps prompts that share their first 50 characters apart."""
     slug = re.sub(r"[^\w\-]+", "_", req.prompt.strip(), flags=re.UNICODE).strip("_")[:50] or "video"
-    return os.path.join(req.save_path, f"{slug}-seed{req.seed}{req.name_suffix}")
+    digest = hashlib.sha1(req.prompt.encode("utf-8")).hexdigest()[:8]
+    return os.path.join(req.save_path, f"{slug}-{digest}-seed{req.seed}{req.name_suffix}")
 
 
 def _comm_device(device: torch.device) -> torch.device:
@@ -257,30 +263,54 @@ class VideoGenerator:
 
     def __init__(self, req: GenerationRequest):
         from .modules.attention import set_backend
-        from .modules.model import StepVideoModel
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.cfg = check_request(req, world, self.rank)
-        if self.rank == 0:
-            check_services(req)
-        self.device = resolve_device(req.device)
+        self.cfg = check_request(req, world)  # the same answer on every rank
+        self.device = resolve_device(req.device, world)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(req.dtype, self.device)
         set_backend(req.attn_backend)
         self.ctx = setup_parallel(req.parallel, self.cfg.num_attention_heads, req.parallel_backend,
-                                  self.device.type)
+                                  self.device)
+        self._rank0_checks(req)
         t0 = time.perf_counter()
-        self.model = StepVideoModel.from_pretrained(transformer_dir(req), self.dtype, self.device)
-        self.ctx.apply(self.model)
+        self.model = self._load(req)
         self.load_seconds = time.perf_counter() - t0
+        self.scheduler = load_scheduler(req.model_dir)
         self.text_encoder = self.vae = None
         if self.ctx.is_main:
             from .service.client import RemoteTextEncoder, RemoteVAE
 
             self.text_encoder = RemoteTextEncoder(req.caption_url)
             self.vae = RemoteVAE(req.vae_url)
+
+    def _rank0_checks(self, req: GenerationRequest) -> None:
+        """Output directory and services, checked by rank 0 once the groups exist; every rank
+        learns the outcome, so all stop together with rank 0's one-line message."""
+        problem = None
+        if self.ctx.is_main:
+            try:
+                check_writable(req.save_path)
+                check_services(req)
+            except PreflightError as e:
+                problem = e
+        failed = broadcast_ints([int(problem is not None)] if self.ctx.is_main else None,
+                                self.ctx, self.device)[0]
+        if failed:
+            raise problem or PreflightError("rank 0 reported a failed check")
+
+    def _load(self, req: GenerationRequest):
+        """The DiT on this rank's device; with tensor parallelism each rank keeps only its slice
+        (loaded on the CPU, sliced, then moved), so peak device memory is the slice."""
+        from .modules.model import StepVideoModel
+
+        tp = req.parallel.tensor_parallel_degree > 1
+        model = StepVideoModel.from_pretrained(transformer_dir(req), self.dtype,
+                                               "cpu" if tp else self.device)
+        self.ctx.apply(model)
+        return model.to(self.device) if tp else model
 
     def encode_text(self, req: GenerationRequest) -> TextEmbeddings:
         """Rank 0: [prompt + pos_magic, neg_magic] through the caption service."""
@@ -302,7 +332,7 @@ class VideoGenerator:
         times["text_encode"] = time.perf_counter() - t0 + text_seconds
         shape = req.size.latent_shape(1, self.cfg.in_channels)
         latents = initial_noise(shape, req.seed, self.dtype).to(self.device)
-        sched = FlowMatchDiscreteScheduler()
+        sched = self.scheduler
         sched.set_timesteps(req.infer_steps, req.time_shift, device=self.device)
         step_times, bar = [], self._progress(req.infer_steps, progress)
         last = [time.perf_counter()]
@@ -338,10 +368,10 @@ class VideoGenerator:
     def _write(self, req: GenerationRequest, x: torch.Tensor, times: dict) -> dict:
         from .video_io import contact_sheet, save_video, stack_batch
 
-        t0 = time.perf_counter()
-        frames = stack_batch(self.vae.decode_uint8(x.float().cpu()))  # (F, H, W, 3), uint8 on the wire
-        times["vae_decode"] = time.perf_counter() - t0
         stem = output_stem(req)
+        t0 = time.perf_counter()
+        frames = stack_batch(self._decode(x.float().cpu(), stem))  # (F, H, W, 3), uint8 on the wire
+        times["vae_decode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         paths = {"video": save_video(frames, stem + ".mp4", denoise=req.denoise_filter,
                                      crop=req.crop_540p)}
@@ -352,6 +382,24 @@ class VideoGenerator:
         paths["sidecar"] = write_json_atomic(stem + ".json", record)
         record["outputs"] = paths
         return record
+
+
+    def _decode(self, latents: torch.Tensor, stem: str):
+        """Decode through the VAE service; if that fails, keep the denoised latents on disk so the
+        expensive part is not lost, and say where they are."""
+        from .service.client import ServiceError
+
+        try:
+            return self.vae.decode_uint8(latents)
+        except ServiceError as e:
+            from safetensors.torch import save_file
+
+            path = stem + ".latents.safetensors"
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            save_file({"latents": latents.contiguous()}, path)
+            raise ServiceError(e.service, e.url, f"{e.server_message}; the denoised latents are saved "
+                               f"in {path} (decode them later with RemoteVAE(url).decode_uint8)",
+                               e.status) from e
 
 
 def sidecar(req: GenerationRequest, ctx: ParallelContext, times: dict, paths: dict, frame_shape) -> dict:
@@ -378,6 +426,8 @@ def write_json_atomic(path: str, record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .service.client import ServiceError
+
     req = request_from_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -389,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except ServiceError as e:  # rank 0 only: the service failed after the checks
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if record is not None:
         out = record["outputs"]
         print(f"wrote {out['video']} ({record['frames']} frames, {record['width']}x{record['height']}), "

@@ -200,6 +200,11 @@ def test_bad_input_shapes(model, io):
     c = model.config.in_channels
     with pytest.raises(ValueError, match=rf"hidden_states must be \(B, F, {c}, H, W\)"):
         model(x[:, :, : c - 1], io["timestep"], io["encoder_hidden_states"], io["encoder_hidden_states_2"])
+    llm_mask_only = io["encoder_attention_mask"][:, io["encoder_hidden_states_2"].shape[1]:]
+    with pytest.raises(ValueError, match=r"encoder_attention_mask must be \(B, Lc \+ Ly\)"):
+        model(x, io["timestep"], io["encoder_hidden_states"], io["encoder_hidden_states_2"], llm_mask_only)
+    with pytest.raises(ValueError, match="timestep must hold 1 or"):
+        model(x, io["timestep"].repeat(3), io["encoder_hidden_states"], io["encoder_hidden_states_2"])
     with pytest.raises(ValueError, match="encoder_hidden_states must be"):
         model(x, io["timestep"], io["encoder_hidden_states"][..., :5], io["encoder_hidden_states_2"])
 

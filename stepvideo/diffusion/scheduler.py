@@ -5,6 +5,8 @@ Model time runs 0 = noise -> 1 = data (reverse=False, the released scheduler con
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -76,3 +78,12 @@ class FlowMatchDiscreteScheduler:
         prev = euler_step(sample, model_output, self.sigmas[i], self.sigmas[i + 1])
         self._step_index += 1
         return {"prev_sample": prev} if return_dict else prev
+
+
+def load_scheduler(model_dir: str) -> FlowMatchDiscreteScheduler:
+    """The scheduler of ``model_dir/scheduler/scheduler_config.json``; the released defaults when a
+    directory has none (bare transformer folders). Turbo uses the same format."""
+    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    if os.path.isfile(path):
+        return FlowMatchDiscreteScheduler.from_config_file(path)
+    return FlowMatchDiscreteScheduler()

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from .scheduler import FlowMatchDiscreteScheduler, cfg_combine
+from .scheduler import FlowMatchDiscreteScheduler, cfg_combine, load_scheduler
 
 POS_MAGIC = ("超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、"
              "自然、生动、超细节、清晰。")
@@ -149,15 +149,10 @@ class StepVideoPipeline:
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu",
                         transformer_dir: str | None = None) -> "StepVideoPipeline":
-        import os
-
         from ..modules.model import StepVideoModel
 
         transformer = StepVideoModel.from_pretrained(transformer_dir or model_dir, dtype, device)
-        sched_cfg = os.path.join(transformer_dir or model_dir, "scheduler", "scheduler_config.json")
-        scheduler = (FlowMatchDiscreteScheduler.from_config_file(sched_cfg)
-                     if os.path.isfile(sched_cfg) else FlowMatchDiscreteScheduler())
-        return cls(transformer, scheduler)
+        return cls(transformer, load_scheduler(model_dir))
 
     def setup_api(self, vae_url: str, caption_url: str, token: str | None = None) -> "StepVideoPipeline":
         """Use the caption/VAE service for text encoding and decoding."""
@@ -193,8 +188,9 @@ class StepVideoPipeline:
             size = VideoSize.rounded(num_frames, height, width)
             shape = size.latent_shape(len(prompts), self.transformer.config.in_channels)
             dtype = next(self.transformer.parameters()).dtype
-            if generator is not None:
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
+            if generator is not None:  # the caller's generator (on its own device) wins over seed
+                latents = torch.randn(shape, generator=generator, dtype=torch.float32,
+                                      device=generator.device).to(dtype)
             else:
                 latents = initial_noise(shape, seed, dtype)
         self.scheduler.set_timesteps(num_inference_steps, time_shift, device=self.device)

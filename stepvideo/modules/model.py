@@ -280,7 +280,8 @@ class StepVideoModel(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
-        self._check_inputs(hidden_states, encoder_hidden_states, encoder_hidden_states_2)
+        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_2,
+                           encoder_attention_mask)
         b, f, c, hh, ww = hidden_states.shape
         p = self.config.patch_size
         h, w = hh // p, ww // p
@@ -299,8 +300,16 @@ class StepVideoModel(nn.Module):
         out = self.unpatchify(x, f, h, w)
         return {"x": out} if return_dict else out
 
-    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor, clip: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, clip: torch.Tensor,
+                      mask: torch.Tensor | None) -> None:
         cfg = self.config
+        if t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"timestep must hold 1 or {x.shape[0]} values, got {tuple(t.shape)}")
+        if mask is not None and tuple(mask.shape) != (x.shape[0], clip.shape[1] + y.shape[1]):
+            raise ValueError(
+                f"encoder_attention_mask must be (B, Lc + Ly) = ({x.shape[0]}, {clip.shape[1]} + "
+                f"{y.shape[1]}), got {tuple(mask.shape)}: prepend the CLIP length of ones to the "
+                "LLM mask")
         if x.dim() != 5 or x.shape[2] != cfg.in_channels:
             raise ValueError(f"hidden_states must be (B, F, {cfg.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
 from typing import Callable
 
 from .config import ParallelConfig
@@ -41,8 +44,12 @@ class ParallelContext:
 
 
 def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch",
-                   device_type: str = "cpu") -> ParallelContext:
-    """Validate the degrees against the launch, initialise the process groups and build the plan."""
+                   device: torch.device | str = "cpu",
+                   timeout: timedelta = timedelta(minutes=30)) -> ParallelContext:
+    """Validate the degrees against the launch, initialise the process groups and build the plan.
+
+    ``timeout`` bounds every collective, including the wait while rank 0 checks the service.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config.validate(world, num_heads)
     if backend not in BACKENDS:
@@ -51,17 +58,20 @@ def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch
         return ParallelContext(config)
     import torch.distributed as dist
 
+    device = torch.device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     rank = dist.get_rank()
     from .torch_backend import Groups, UlyssesPlan, cfg_parallel_velocity
 
     groups = Groups(config, rank)
-    if backend == "xfuser":
+    if config.sp_degree == 1:
+        plan = LocalPlan()
+    elif backend == "xfuser":
         from .xfuser_backend import XFuserPlan
 
         plan = XFuserPlan(groups)
     else:
-        plan = UlyssesPlan(groups) if config.sp_degree > 1 else LocalPlan()
+        plan = UlyssesPlan(groups)
     velocity = cfg_parallel_velocity(groups) if config.cfg_degree == 2 else None
     return ParallelContext(config, rank, world, groups, plan, velocity)

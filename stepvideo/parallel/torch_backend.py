@@ -68,8 +68,9 @@ class UlyssesPlan:
     """Sequence parallelism over ``ulysses x ring`` ranks.
 
     Tokens are split evenly (zero-padded at the end when the count does not divide); padded keys
-    are masked out of self-attention and padded rows dropped by ``gather``, so padding changes
-    nothing. Self-attention: all-to-all (B, S/U, H, d) -> (B, S, H/U, d) over the ulysses group;
+    are cut from self-attention and padded rows dropped by ``gather``, so padding changes nothing.
+    ``seq_len`` is the unpadded length of the last ``shard`` call: the model shards the tokens and
+    their RoPE tables, which have the same length, once per forward. Self-attention: all-to-all (B, S/U, H, d) -> (B, S, H/U, d) over the ulysses group;
     across the ring group the keys and values are all-gathered (exact, not memory-bounded: the
     xfuser backend provides the true ring kernel on GPUs).
     """
@@ -115,10 +116,9 @@ class UlyssesPlan:
         if self.g.size("ring") > 1:
             k = _all_gather(k, self.g.group("ring"), 1)
             v = _all_gather(v, self.g.group("ring"), 1)
-        kv_lens = None
-        if k.shape[1] != self.seq_len:  # padded tokens sit at the end: mask them as keys
-            kv_lens = torch.full((q.shape[0],), self.seq_len, dtype=torch.long, device=q.device)
-        out = attention(q, k, v, kv_lens)
+        # Padded tokens sit at the end of the full sequence: drop them as keys (queries on padding
+        # are computed and later discarded by gather).
+        out = attention(q, k[:, : self.seq_len], v[:, : self.seq_len])
         return self._heads_to_seq(out) if ulysses else out
 
 

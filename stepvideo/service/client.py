@@ -33,12 +33,10 @@ from typing import Any, Callable
 import torch
 
 from ..diffusion.video_pipeline import TextEmbeddings
-from ..video_io import uint8_per_sample as to_uint8_frames
-from .protocol import (CONTENT_TYPE, CaptionRequest, CaptionResponse, ProtocolError, VAERequest,
-                       VAEResponse)
+from ..video_io import uint8_per_sample
+from .protocol import (CONTENT_TYPE, DEFAULT_PORT, MAX_LATENT_ELEMENTS, MAX_VAE_BATCH, TOKEN_ENV,
+                       CaptionRequest, CaptionResponse, ProtocolError, VAERequest, VAEResponse)
 
-DEFAULT_PORT = 8080
-TOKEN_ENV = "STEPVIDEO_API_TOKEN"
 ENDPOINTS = ("/caption-api", "/vae-api", "/health", "/info")
 
 
@@ -70,7 +68,7 @@ class LocalVAE:
 
     @torch.inference_mode()
     def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
-        pieces = [to_uint8_frames(piece.cpu()) for piece in self.vae.iter_decode(latents)]
+        pieces = [uint8_per_sample(piece.cpu()) for piece in self.vae.iter_decode(latents)]
         return torch.cat(pieces, dim=1)
 
 
@@ -298,9 +296,22 @@ class _RemoteService:
             if isinstance(last, dict) and last.get("status") == "ready":
                 return last
             if isinstance(last, dict) and last.get("status") == "failed":
-                raise ServiceError(self.service, self.base_url, f"server failed to load: {last}")
+                raise ServiceError(self.service, self.base_url, "server failed to load its "
+                                   f"models: {self._failure_details(last)}")
             time.sleep(poll)
         raise ServiceError(self.service, self.base_url, f"not ready after {timeout} s: {last}")
+
+
+    def _failure_details(self, health: dict[str, Any]) -> str:
+        """Why models failed, from /info (it needs the token, unlike /health)."""
+        try:
+            response = self._call("GET", self.base_url + "/info", retry=False)
+            models = response.json()["models"] if response.status_code == 200 else {}
+            failed = [f"{name}: {m['detail']}" for name, m in models.items()
+                      if m.get("status") == "failed"]
+        except (ServiceError, ValueError, KeyError, TypeError, AttributeError):
+            failed = []
+        return "; ".join(failed) or f"{health.get('models')} (see /info or the server log)"
 
 
 def _retryable_503(response) -> bool:
@@ -367,9 +378,19 @@ class RemoteVAE(_RemoteService):
         return self._decode(latents, "uint8")
 
     def _decode(self, latents: torch.Tensor, output: str) -> torch.Tensor:
+        """A batch over the service's default limits (MAX_VAE_BATCH, MAX_LATENT_ELEMENTS) is sent
+        as several requests; the server still answers 422 for a single sample over its limit."""
+        per_sample = latents[0].numel() if latents.dim() == 5 and len(latents) else 1
+        group = max(1, min(MAX_VAE_BATCH, MAX_LATENT_ELEMENTS // max(per_sample, 1)))
+        if latents.dim() != 5 or len(latents) <= group:
+            return self._decode_one(latents, output)
+        return torch.cat([self._decode_one(part, output) for part in latents.split(group)])
+
+    def _decode_one(self, latents: torch.Tensor, output: str) -> torch.Tensor:
         body = VAERequest(latents, output).to_bytes()
         answer = self._parse(VAEResponse.from_bytes, self._post(body))
-        if answer.output != output:
-            raise ServiceError(self.service, self.url, f"asked for {output} frames, got "
-                               f"{answer.output}")
+        try:
+            answer.check(tuple(latents.shape), output)
+        except ProtocolError as e:
+            raise ServiceError(self.service, self.url, f"bad answer from the server: {e}") from e
         return answer.video

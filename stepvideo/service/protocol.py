@@ -34,11 +34,20 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 PROTOCOL = "stepvideo-service/1"
+DEFAULT_PORT = 8080
+TOKEN_ENV = "STEPVIDEO_API_TOKEN"
 CONTENT_TYPE = "application/x-safetensors"
 ACCEPTED_CONTENT_TYPES = (CONTENT_TYPE, "application/octet-stream")
 MAX_HEADER_BYTES = 16 << 20
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 OUTPUT_KINDS = ("float", "uint8")
+
+# The VAE endpoint's per-request cap. A full 204-frame 544x992 job is (1, 36, 64, 34, 62) = 4.86 M
+# latent elements; the decoded float video is 68x that (17/3 frames, 3 colours, 16x16 pixels per
+# latent element over 64 channels), so 2**23 already allows ~0.57 G output elements per request.
+MAX_LATENT_ELEMENTS = 1 << 23
+MAX_VAE_BATCH = 4
+LATENT_FRAMES_PER_CHUNK, FRAMES_PER_CHUNK, SPATIAL_UPSAMPLE = 3, 17, 16
 
 
 class ProtocolError(ValueError):
@@ -234,11 +243,12 @@ class CaptionResponse:
 
 @dataclass(frozen=True)
 class VAELimits:
-    """What the VAE endpoint accepts: the hosted VAE's latent width and a size cap."""
+    """What the VAE endpoint accepts: the hosted VAE's latent width and size caps."""
 
     z_channels: int
-    latent_frames_per_chunk: int = 3
-    max_latent_elements: int = 1 << 27
+    latent_frames_per_chunk: int = LATENT_FRAMES_PER_CHUNK
+    max_latent_elements: int = MAX_LATENT_ELEMENTS
+    max_batch: int = MAX_VAE_BATCH
     dtypes: tuple[str, ...] = tuple(FLOAT_DTYPES)
 
 
@@ -273,9 +283,14 @@ class VAERequest:
         if lat.shape[1] % limits.latent_frames_per_chunk:
             raise InvalidPayload(f"latent frame count {lat.shape[1]} must be a multiple of "
                                  f"{limits.latent_frames_per_chunk}")
+        if lat.shape[0] > limits.max_batch:
+            raise InvalidPayload(f"latents have a batch of {lat.shape[0]}; this server decodes at "
+                                 f"most {limits.max_batch} videos per request (split the batch)")
         if lat.numel() > limits.max_latent_elements:
             raise InvalidPayload(f"latents have {lat.numel()} elements; this server decodes at "
-                                 f"most {limits.max_latent_elements} per request (split the batch)")
+                                 f"most max_latent_elements={limits.max_latent_elements} per "
+                                 "request (split the batch, or start the server with a larger "
+                                 "--max_latent_elements)")
 
 
 @dataclass
@@ -291,6 +306,29 @@ class VAEResponse:
     def from_bytes(cls, body: bytes) -> "VAEResponse":
         msg = decode_message(body, cls.KIND)
         return cls(_tensor(msg, "video"), _field(msg, "output", str, "float"))
+
+    def check(self, latent_shape: tuple[int, ...], output: str) -> None:
+        """The answer to latents of ``latent_shape`` (B, F, z, h, w) asked as ``output``: float
+        (B, F/3*17, 3, 16h, 16w) or uint8 (B, F/3*17, 16h, 16w, 3); InvalidPayload otherwise."""
+        b, f, _, h, w = latent_shape
+        frames = f // LATENT_FRAMES_PER_CHUNK * FRAMES_PER_CHUNK
+        hh, ww = h * SPATIAL_UPSAMPLE, w * SPATIAL_UPSAMPLE
+        if output == "uint8":
+            shape, wanted = (b, frames, hh, ww, 3), "uint8"
+            dtype_ok = self.video.dtype == torch.uint8
+        else:
+            shape, wanted = (b, frames, 3, hh, ww), "a float dtype"
+            dtype_ok = self.video.dtype in FLOAT_DTYPES.values()
+        problems = []
+        if self.output != output:
+            problems.append(f"output {self.output!r} instead of {output!r}")
+        if tuple(self.video.shape) != shape:
+            problems.append(f"shape {tuple(self.video.shape)} instead of {shape}")
+        if not dtype_ok:
+            problems.append(f"dtype {_dtype_name(self.video)} instead of {wanted}")
+        if problems:
+            raise InvalidPayload(f"vae_response for latents {tuple(latent_shape)} has "
+                                 + ", ".join(problems))
 
 
 @dataclass

@@ -4,13 +4,16 @@ Endpoints (bodies are :mod:`stepvideo.service.protocol` messages, errors are JSO
 
 * ``POST /caption-api``  caption_request (prompts) -> caption_response (y, y_mask, clip_embedding)
 * ``POST /vae-api``      vae_request (latents, output "float" | "uint8") -> vae_response (video)
-* ``GET /health``        200 ``{"status": "ready"}`` or 503 with "loading" / "failed" and why;
-  never blocks and needs no token
-* ``GET /info``          model dirs, dtypes, devices, versions, limits, cache and request counters
+* ``GET /health``        200 ``{"status": "ready"}`` or 503 with "loading" / "failed"; only the
+  states (no paths or error messages: it needs no token), never blocks
+* ``GET /info``          model dirs, dtypes, devices, versions, limits, cache and request counters,
+  and why a model failed
 
 Statuses: 400 malformed body, 401 missing or wrong token, 413 body over the limit, 415 wrong
 Content-Type, 422 shapes, dtypes or sizes that do not fit the models, 503 not loaded yet or the
 model's queue is full (retry), 500 a failure inside a model (the message says which and what).
+A CUDA error inside a model (device-side assert, illegal address: the CUDA context is unusable
+afterwards) also marks that model "failed", so /health stops saying ready; out of memory does not.
 
 Each model has its own lock, so a caption request never waits for a VAE decode, and a bounded
 number of requests may wait per model (the rest get 503 and retry): waitress always keeps threads
@@ -33,18 +36,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .protocol import (ACCEPTED_CONTENT_TYPES, CONTENT_TYPE, PROTOCOL, CaptionLimits,
-                       CaptionRequest, CaptionResponse, ErrorBody, ProtocolError, VAELimits,
-                       VAERequest, VAEResponse)
+from .protocol import (ACCEPTED_CONTENT_TYPES, CONTENT_TYPE, DEFAULT_PORT, MAX_LATENT_ELEMENTS,
+                       MAX_VAE_BATCH, PROTOCOL, TOKEN_ENV, CaptionLimits, CaptionRequest,
+                       CaptionResponse, ErrorBody, ProtocolError, VAELimits, VAERequest,
+                       VAEResponse)
 
 logger = logging.getLogger("stepvideo.service")
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 256 << 20          # 256 MiB: latents of 204 frames at 544x992 are ~10 MB
 DEFAULT_THREADS = 16
-DEFAULT_MAX_LATENT_ELEMENTS = 1 << 28
-TOKEN_ENV = "STEPVIDEO_API_TOKEN"
+HEALTH_HINT = "see /info or the server log"
 
 
 class ServiceUnavailable(Exception):
@@ -62,6 +64,17 @@ class ModelFailure(Exception):
     """500: the model raised while serving a request."""
 
     status = 500
+
+
+def is_cuda_error(e: BaseException) -> bool:
+    """An error after which the CUDA context is unusable (device-side assert, illegal memory
+    access), so every later call fails too. Out of memory is not one: the next request may fit."""
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(e):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and "CUDA" in str(e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +103,7 @@ class ModelSlot:
     @contextlib.contextmanager
     def use(self) -> Iterator[Any]:
         """Wait for the model's lock (if the line is not full) and run one request on it."""
-        model = self.ready_model()
+        self.ready_model()
         with self._gate:
             if self.pending >= self.max_pending:
                 raise ServiceUnavailable(f"{self.name} model is busy: {self.pending} requests "
@@ -98,7 +111,7 @@ class ModelSlot:
             self.pending += 1
         try:
             with self.lock:
-                yield model
+                yield self.ready_model()     # it may have failed while this request waited
         finally:
             with self._gate:
                 self.pending -= 1
@@ -113,6 +126,11 @@ class ModelSlot:
             except Exception as e:  # noqa: BLE001 - any model error is answered as a 500
                 self.failed += 1
                 logger.exception("%s model failed", self.name)
+                if is_cuda_error(e):
+                    self.set_state("failed", f"CUDA error while serving a request "
+                                             f"({type(e).__name__}: {e}); restart the server")
+                    logger.error("%s model marked failed after a CUDA error; restart the server",
+                                 self.name)
                 raise ModelFailure(f"{self.name} model failed: {type(e).__name__}: {e}") from e
             self.served += 1
             return out
@@ -159,12 +177,13 @@ class ServiceModels:
             logger.info("%s model ready (%.1f s)", slot.name, time.monotonic() - start)
 
     def health(self) -> dict[str, Any]:
+        """The states only: /health needs no token, so no paths or error messages (see /info)."""
         slots = [s for s in (self.caption, self.vae) if s.state != "absent"]
         states = {s.state for s in slots}
         status = ("failed" if "failed" in states else "loading" if "loading" in states
                   else "ready" if slots else "failed")
-        reasons = {s.name: f"{s.state}: {s.detail}" for s in (self.caption, self.vae)}
-        return {"status": status, "models": reasons}
+        out = {"status": status, "models": {s.name: s.state for s in (self.caption, self.vae)}}
+        return out if status == "ready" else {**out, "hint": HEALTH_HINT}
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +194,8 @@ class ServiceModels:
 class AppLimits:
     max_body: int = DEFAULT_MAX_BODY
     caption: CaptionLimits = field(default_factory=CaptionLimits)
-    max_latent_elements: int = DEFAULT_MAX_LATENT_ELEMENTS
+    max_latent_elements: int = MAX_LATENT_ELEMENTS
+    max_vae_batch: int = MAX_VAE_BATCH
 
 
 def create_app(models: ServiceModels, token: str | None = None,
@@ -292,7 +312,8 @@ def _register_api(app, models: ServiceModels, limits: AppLimits) -> None:
         req = VAERequest.from_bytes(_request_body())
         vae = models.vae.ready_model()
         req.validate(VAELimits(z_channels=vae.z_channels,
-                               max_latent_elements=limits.max_latent_elements))
+                               max_latent_elements=limits.max_latent_elements,
+                               max_batch=limits.max_vae_batch))
         decode = (lambda v: v.decode_uint8(req.latents)) if req.output == "uint8" else \
             (lambda v: v.decode(req.latents))
         return _binary(VAEResponse(models.vae.run(decode), req.output).to_bytes())
@@ -331,6 +352,7 @@ def _info(models: ServiceModels, limits: AppLimits, token: str | None) -> dict[s
         "limits": {"max_body": limits.max_body, "max_batch": limits.caption.max_batch,
                    "max_prompt_chars": limits.caption.max_prompt_chars,
                    "max_latent_elements": limits.max_latent_elements,
+                   "max_vae_batch": limits.max_vae_batch,
                    "max_queued_per_model": models.caption.max_pending},
         "auth": "bearer token" if token else "none (loopback only)",
         "versions": {"stepvideo": __version__, "torch": torch.__version__,
@@ -370,7 +392,7 @@ def check_bind(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
         raise ServiceConfigError(
             f"refusing to listen on {host} without a token: anyone who can reach that address "
-            f"could use this server. Pass --token SECRET or set {TOKEN_ENV} (clients send it as "
+            f"could use this server. Set {TOKEN_ENV} or pass --token_file PATH (clients send the token as "
             f"'Authorization: Bearer SECRET' and read the same variable), or bind 127.0.0.1.")
 
 
@@ -408,13 +430,26 @@ class ServerOptions:
     device: str = "auto"
     dtype: str = "bfloat16"
     token: str | None = None
+    token_file: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     threads: int = DEFAULT_THREADS
     cache_size: int = 64
-    max_latent_elements: int = DEFAULT_MAX_LATENT_ELEMENTS
+    max_latent_elements: int = MAX_LATENT_ELEMENTS
 
     def resolved_token(self) -> str | None:
-        return self.token or os.environ.get(TOKEN_ENV) or None
+        """``token``, else the stripped contents of ``token_file``, else ``$STEPVIDEO_API_TOKEN``."""
+        if self.token:
+            return self.token
+        if self.token_file:
+            try:
+                with open(self.token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ServiceConfigError(f"cannot read --token_file {self.token_file}: {e}") from e
+            if not token:
+                raise ServiceConfigError(f"--token_file {self.token_file} is empty")
+            return token
+        return os.environ.get(TOKEN_ENV) or None
 
     def torch_dtype(self) -> torch.dtype:
         table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -436,6 +471,9 @@ def build_service(opts: ServerOptions) -> tuple[Any, ServiceModels, Callable[[],
 
     token = opts.resolved_token()
     check_bind(opts.host, token)
+    if opts.max_latent_elements < 1:
+        raise ServiceConfigError(f"--max_latent_elements must be >= 1, got "
+                                 f"{opts.max_latent_elements}")
     dtype, device = opts.torch_dtype(), opts.torch_device()
     dirs = check_model_dir(opts.model_dir, SERVICE_PARTS, {"step_llm": opts.llm_dir,
                                                            "hunyuan_clip": opts.clip_dir,
