@@ -13,9 +13,9 @@ import argparse
 import logging
 import sys
 
-from stepvideo.service.server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT,
-                                      DEFAULT_THREADS, TOKEN_ENV, ServerOptions,
-                                      ServiceConfigError, run_server)
+from stepvideo.service.protocol import DEFAULT_PORT, MAX_LATENT_ELEMENTS, TOKEN_ENV
+from stepvideo.service.server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_THREADS,
+                                      ServerOptions, ServiceConfigError, run_server)
 from stepvideo.weights import CheckpointError
 
 
@@ -42,19 +42,31 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="LLM and VAE dtype, and the dtype embeddings are sent in (CLIP runs in "
                         "float32)")
-    p.add_argument("--token", default=None,
-                   help=f"bearer token required on every request but /health (default: "
-                        f"${TOKEN_ENV}); mandatory when --host is not loopback")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token_file", default=None,
+                       help=f"file holding the bearer token required on every request but "
+                            f"/health (default: ${TOKEN_ENV}); a token is mandatory when --host "
+                            f"is not loopback")
+    token.add_argument("--token", default=None,
+                       help=f"the token itself (visible to anyone who can run ps: prefer "
+                            f"${TOKEN_ENV} or --token_file)")
     p.add_argument("--max_body_mb", type=float, default=DEFAULT_MAX_BODY / (1 << 20),
                    help="largest request body accepted (413 above it)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="waitress worker threads")
     p.add_argument("--cache_size", type=int, default=64,
                    help="prompts whose embeddings are cached (LRU; the negative prompt repeats)")
+    p.add_argument("--max_latent_elements", type=int, default=MAX_LATENT_ELEMENTS,
+                   help="largest latent tensor (all dims multiplied) one /vae-api request may "
+                        "send (422 above it); a 204x544x992 video is 4.86 M")
     a = p.parse_args(argv)
+    if a.token:
+        print(f"warning: --token on the command line is visible to other users (ps, "
+              f"/proc/PID/cmdline); set {TOKEN_ENV} or use --token_file instead", file=sys.stderr)
     return ServerOptions(model_dir=a.model_dir, llm_dir=a.llm_dir, clip_dir=a.clip_dir,
                          vae_dir=a.vae_dir, host=a.host, port=a.port, device=a.device,
-                         dtype=a.dtype, token=a.token, max_body=int(a.max_body_mb * (1 << 20)),
-                         threads=a.threads, cache_size=a.cache_size)
+                         dtype=a.dtype, token=a.token, token_file=a.token_file,
+                         max_body=int(a.max_body_mb * (1 << 20)), threads=a.threads,
+                         cache_size=a.cache_size, max_latent_elements=a.max_latent_elements)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ class TinySizes:
     """The tiny model's sizes. ``llm_hidden`` and ``clip_hidden`` are the DiT's caption_channels;
     ``z_channels`` is both the VAE latent width and the DiT's in/out channels."""
 
-    dit_heads: int = 2
+    dit_heads: int = 4
     dit_layers: int = 2
     llm_hidden: int = 128
     llm_heads: int = 2

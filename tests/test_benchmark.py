@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-import requests
+
+from conftest import running_service
 
 from stepvideo.bench import build_benchmark_parser, parse_benchmark_args
 from stepvideo.suite import (EVAL_CATEGORIES, EVAL_SHA256, EVAL_URL, UNCATEGORIZED, Category,
@@ -31,7 +31,6 @@ from stepvideo.suite import (EVAL_CATEGORIES, EVAL_SHA256, EVAL_URL, UNCATEGORIZ
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmark" / "run_benchmark.py"
-SERVER = ROOT / "api" / "call_remote_server.py"
 EVAL_DIR = Path(os.environ.get("STEPVIDEO_EVAL_DIR", ROOT.parent / "shared" / "eval"))
 EVAL_TXT = EVAL_DIR / "Step-Video-T2V-Eval.txt"
 EVAL_CATS = EVAL_DIR / "categories.json"
@@ -291,48 +290,16 @@ def load_report():
 # End to end: service + torchrun + kill + resume + gallery
 # --------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    from stepvideo.tiny import write_tiny_model
-
-    return write_tiny_model(str(tmp_path_factory.mktemp("tiny_model")), seed=0)
+def tiny_dir(tiny_model_dir) -> str:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def service(tiny_dir, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("service") / "server.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, str(SERVER), "--model_dir", tiny_dir,
-                                 "--port", str(port), "--threads", "8"],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"127.0.0.1:{port}"
-    try:
-        wait_healthy(f"http://{url}", proc, log)
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"service exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(url + "/health", timeout=2).json().get("status") == "ready":
-                return
-        except (requests.ConnectionError, requests.Timeout, ValueError):
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"service not ready after {timeout} s:\n{log.read_text()}")
+    with running_service(tiny_dir, "--threads", "8", log=log) as (_, url):
+        yield url.removeprefix("http://")
 
 
 def bench_cmd(tiny_dir: str, url: str, save: Path, *extra: str, nproc: int = 2) -> list[str]:

@@ -1,5 +1,5 @@
 """Parallel parity with real torchrun processes (gloo on 127.0.0.1) on the tiny model at batch 2:
-2-rank Ulysses, ring, tensor and CFG parallel, and 4-rank Ulysses x ring, each reproduce the
+2-rank Ulysses, ring, tensor and CFG parallel, and 4-rank Ulysses x ring/tensor/CFG, each reproduce the
 single-process latents; a rank given another shard's RoPE positions must not."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _run(args, nproc: int, out: Path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def transformer_dir(tmp_path_factory):
-    """The tiny model's DiT, written in the official layout (2 heads of 128, 2 layers)."""
+    """The tiny model's DiT, written in the official layout (4 heads of 128, 2 layers)."""
     root = tmp_path_factory.mktemp("tiny") / "model"
     write_tiny_model(str(root))
     return root / "transformer"
@@ -63,10 +63,13 @@ def test_two_ranks_match_single_process(degrees, transformer_dir, reference, tmp
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-5)
 
 
-def test_four_ranks_ulysses_times_ring(transformer_dir, reference, tmp_path):
-    """Hybrid sequence parallelism: 2 Ulysses x 2 ring ranks, 45 tokens padded to 48."""
+@pytest.mark.parametrize("degrees", [["--ulysses", "2", "--ring", "2"], ["--ulysses", "2", "--tp", "2"],
+                                     ["--ulysses", "2", "--cfg", "2"]],
+                         ids=["ulysses-x-ring", "ulysses-x-tensor", "ulysses-x-cfg"])
+def test_four_ranks_hybrid(degrees, transformer_dir, reference, tmp_path):
+    """Hybrid layouts on 4 ranks (the tiny DiT has 4 heads); 45 tokens are padded to 48 or 46."""
     out = tmp_path / "hybrid.safetensors"
-    got = _run([str(transformer_dir), str(out), *SHAPE, "--ulysses", "2", "--ring", "2"], 4, out)
+    got = _run([str(transformer_dir), str(out), *SHAPE, *degrees], 4, out)
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-5)
 
 

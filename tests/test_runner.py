@@ -6,52 +6,30 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
+from conftest import ROOT, free_port, running_service
 from stepvideo.runner import request_from_args
-from stepvideo.tiny import write_tiny_model
 from stepvideo.video_io import read_frames, read_video_info
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def service(model_dir):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "api" / "call_remote_server.py"),
-                             "--model_dir", model_dir, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://{url}/health", timeout=2).json().get("status") == "ready":
-                break
-        except requests.ConnectionError:
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+def service(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("service") / "server.log"
+    with running_service(model_dir, log=log) as (_, url):
+        yield url.removeprefix("http://")      # the runner's flags take host:port as well
 
 
 def run_cli(args, nproc=1, timeout=300):
@@ -117,7 +95,7 @@ def test_bad_flags_give_one_clear_message(service, model_dir, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), "--model_dir", model_dir,
                            *base, "--ulysses_degree", "3"], capture_output=True, text=True,
                           env={**ENV, **env_rank}, timeout=120)
-    _one_line_error(proc, r"2 heads are not divisible by ulysses degree 3")
+    _one_line_error(proc, r"4 heads are not divisible by ulysses degree 3")
     _one_line_error(run_cli(["--model_dir", model_dir, *base, "--ulysses_degree", "2"]),
                     r"world size 1 != ulysses 2")
     dead = f"127.0.0.1:{free_port()}"

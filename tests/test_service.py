@@ -4,82 +4,48 @@ model, checked against the same backends run in this process."""
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 from safetensors.torch import save as st_save
 
+from conftest import ROOT, SERVER, free_port, running_service, start_service, stop_service
 from stepvideo.diffusion.video_pipeline import NEG_MAGIC, StepVideoPipeline
 from stepvideo.service.client import (LocalTextEncoder, LocalVAE, RemoteTextEncoder, RemoteVAE,
-                                      RetryPolicy, ServiceError, normalize_url, to_uint8_frames)
-from stepvideo.service.protocol import (CONTENT_TYPE, CaptionRequest, VAERequest, decode_message,
-                                        encode_message)
-from stepvideo.tiny import write_tiny_model
+                                      RetryPolicy, ServiceError, normalize_url)
+from stepvideo.service.protocol import (CONTENT_TYPE, MAX_LATENT_ELEMENTS, MAX_VAE_BATCH,
+                                        CaptionRequest, VAERequest, VAEResponse,
+                                        decode_message, encode_message)
+from stepvideo.tiny import TinySizes
+from stepvideo.video_io import uint8_per_sample
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVER = ROOT / "api" / "call_remote_server.py"
 MAX_BODY_MB = 2
+MAX_LATENT = 1 << 16        # the test server's --max_latent_elements (its default: 2**23)
+# CPU on both sides: the in-process references below run on the CPU too.
+SERVER_ARGS = ("--device", "cpu", "--max_body_mb", str(MAX_BODY_MB), "--threads", "8",
+               "--max_latent_elements", str(MAX_LATENT))
 PROMPTS = ["a cat walks on the moon", "一只猫在月球上行走。", ""]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: str, port: int, log: Path, *extra: str, env=None) -> subprocess.Popen:
-    # CPU on both sides: the in-process references below run on the CPU too.
-    cmd = [sys.executable, str(SERVER), "--model_dir", model_dir, "--port", str(port),
-           "--device", "cpu", "--max_body_mb", str(MAX_BODY_MB), "--threads", "8", *extra]
-    with open(log, "ab") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if requests.get(url + "/health", timeout=2).json().get("status") == "ready":
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {timeout} s:\n{log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=30)
+Z = TinySizes().z_channels
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    return write_tiny_model(str(tmp_path_factory.mktemp("tiny_model")), seed=0)
+def tiny_dir(tiny_model_dir) -> str:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = start_server(tiny_dir, port, log)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, log)
-    yield url
-    stop(proc)
+    with running_service(tiny_dir, *SERVER_ARGS, log=log) as (_, url):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +60,7 @@ def local_vae(tiny_dir) -> LocalVAE:
 
 
 def latents(seed: int, frames: int = 3, h: int = 2, w: int = 3) -> torch.Tensor:
-    return torch.randn(1, frames, 16, h, w, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(1, frames, Z, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def post(url: str, body: bytes, content_type: str = CONTENT_TYPE, **headers) -> requests.Response:
@@ -140,7 +106,7 @@ def test_vae_round_trip_equals_in_process(server, local_vae):
     frames = client.decode_uint8(z)
     assert frames.shape == (1, 34, 32, 48, 3) and frames.dtype == torch.uint8
     assert torch.equal(frames, local_vae.decode_uint8(z))
-    assert torch.equal(frames, to_uint8_frames(expected))
+    assert torch.equal(frames, uint8_per_sample(expected))
 
 
 def test_pipeline_through_service_equals_in_process(server, tiny_dir, local_text, local_vae):
@@ -214,9 +180,12 @@ def test_wrong_dtype_and_shape_get_422(server):
     cases = {
         "float64": (latents(2).double(), "dtype"),
         "int": (latents(2).long(), "dtype"),
-        "channels": (torch.randn(1, 3, 4, 2, 2), "(B, frames, 16, h, w)"),
-        "4-dim": (torch.randn(3, 16, 2, 2), "(B, frames, 16, h, w)"),
-        "frames": (torch.randn(1, 4, 16, 2, 2), "multiple of 3"),
+        "channels": (torch.randn(1, 3, Z // 4, 2, 2), f"(B, frames, {Z}, h, w)"),
+        "4-dim": (torch.randn(3, Z, 2, 2), f"(B, frames, {Z}, h, w)"),
+        "frames": (torch.randn(1, 4, Z, 2, 2), "multiple of 3"),
+        "batch": (torch.randn(MAX_VAE_BATCH + 1, 3, Z, 1, 1), f"at most {MAX_VAE_BATCH} videos"),
+        "elements": (torch.zeros(1, 3, Z, 1, MAX_LATENT // (3 * Z) + 1, dtype=torch.bfloat16),
+                     f"max_latent_elements={MAX_LATENT}"),
     }
     for name, (z, words) in cases.items():
         r = post(server + "/vae-api", VAERequest(z).to_bytes())
@@ -226,6 +195,19 @@ def test_wrong_dtype_and_shape_get_422(server):
     assert r.status_code == 422
     r = post(server + "/caption-api", CaptionRequest(()).to_bytes())
     assert r.status_code == 422 and "prompts" in r.json()["error"]
+    limits = requests.get(server + "/info", timeout=5).json()["limits"]
+    assert limits["max_latent_elements"] == MAX_LATENT and limits["max_vae_batch"] == MAX_VAE_BATCH
+
+
+def test_default_latent_cap_is_2_pow_23():
+    from stepvideo.service.server import ServiceModels, create_app
+
+    assert MAX_LATENT_ELEMENTS == 1 << 23 and 36 * 64 * 34 * 62 < MAX_LATENT_ELEMENTS
+    client = create_app(ServiceModels(vae=_FailingVAE())).test_client()   # 422 before decoding
+    over = torch.zeros(1, 3, Z, 1, MAX_LATENT_ELEMENTS // (3 * Z) + 1, dtype=torch.bfloat16)
+    r = client.post("/vae-api", data=VAERequest(over).to_bytes(), content_type=CONTENT_TYPE)
+    assert r.status_code == 422 and f"max_latent_elements={MAX_LATENT_ELEMENTS}" in r.json["error"]
+    assert client.get("/info").json["limits"]["max_latent_elements"] == MAX_LATENT_ELEMENTS
 
 
 def test_client_errors_name_the_service_and_do_not_retry(server):
@@ -235,7 +217,7 @@ def test_client_errors_name_the_service_and_do_not_retry(server):
         client.decode(torch.randn(1, 3, 4, 2, 2))
     assert time.monotonic() - start < 5
     assert err.value.status == 422 and err.value.service == "vae"
-    assert "vae service at" in str(err.value) and "16" in str(err.value)
+    assert "vae service at" in str(err.value) and str(Z) in str(err.value)
 
 
 def test_server_keeps_serving_after_errors(server, local_vae):
@@ -260,17 +242,17 @@ def test_non_loopback_without_token_refuses_to_start(tiny_dir, tmp_path):
 
 
 def test_token_is_required_when_configured(tiny_dir, tmp_path, local_text):
-    port = free_port()
-    log = tmp_path / "token.log"
-    proc = start_server(tiny_dir, port, log, "--host", "0.0.0.0",
-                        env={"STEPVIDEO_API_TOKEN": "s3cret"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log)
+    token_file = tmp_path / "token"
+    token_file.write_text("  s3cret\n", encoding="utf-8")
+    # --token_file wins over the environment variable.
+    with running_service(tiny_dir, *SERVER_ARGS, "--host", "0.0.0.0", "--token_file",
+                         str(token_file), env={"STEPVIDEO_API_TOKEN": "from-env"},
+                         log=tmp_path / "token.log") as (_, url):
         body = CaptionRequest(("a cat",)).to_bytes()
         assert post(url + "/caption-api", body).status_code == 401
         wrong = post(url + "/caption-api", body, Authorization="Bearer nope")
         assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+        assert post(url + "/caption-api", body, Authorization="Bearer from-env").status_code == 401
         assert requests.get(url + "/info", timeout=5).status_code == 401
         assert requests.get(url + "/health", timeout=5).status_code == 200
         with pytest.raises(ServiceError) as err:
@@ -278,8 +260,38 @@ def test_token_is_required_when_configured(tiny_dir, tmp_path, local_text):
         assert err.value.status == 401
         got = RemoteTextEncoder(url, token="s3cret").encode(["a cat"])
         assert torch.equal(got.y, local_text.encode(["a cat"]).y)
-    finally:
-        stop(proc)
+        assert RemoteTextEncoder(url, token="s3cret").info()["auth"] == "bearer token"
+
+
+def _server_script():
+    spec = importlib.util.spec_from_file_location("call_remote_server", SERVER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_flags(tmp_path, capsys, monkeypatch):
+    from stepvideo.service.server import ServiceConfigError
+
+    monkeypatch.delenv("STEPVIDEO_API_TOKEN", raising=False)
+    script = _server_script()
+    opts = script.parse_args(["--model_dir", "m", "--token", "on-the-command-line"])
+    assert opts.resolved_token() == "on-the-command-line"
+    warning = capsys.readouterr().err
+    assert "warning: --token" in warning and "STEPVIDEO_API_TOKEN" in warning
+    assert "--token_file" in warning
+
+    (tmp_path / "token").write_text("\tfile-token \n", encoding="utf-8")
+    opts = script.parse_args(["--model_dir", "m", "--token_file", str(tmp_path / "token")])
+    assert opts.resolved_token() == "file-token" and "warning" not in capsys.readouterr().err
+    (tmp_path / "empty").write_text("\n", encoding="utf-8")
+    for name, words in (("empty", "is empty"), ("missing", "cannot read")):
+        opts = script.parse_args(["--model_dir", "m", "--token_file", str(tmp_path / name)])
+        with pytest.raises(ServiceConfigError, match=words):
+            opts.resolved_token()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model_dir", "m", "--token", "a", "--token_file", "b"])
+    assert script.parse_args(["--model_dir", "m"]).max_latent_elements == MAX_LATENT_ELEMENTS
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,11 +321,9 @@ def test_sixteen_concurrent_clients(server, local_text, local_vae):
 
 def test_request_succeeds_across_a_server_restart(tiny_dir, tmp_path, local_text):
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "restart.log"
-    first = start_server(tiny_dir, port, log)
-    wait_ready(url, first, log)
-    stop(first)
+    first, url = start_service(tiny_dir, *SERVER_ARGS, port=port, log=log)
+    stop_service(first)
     client = RemoteTextEncoder(url, retry=RetryPolicy(max_wait=90, initial_backoff=0.2,
                                                       max_backoff=1.0))
     result: dict = {}
@@ -321,13 +331,13 @@ def test_request_succeeds_across_a_server_restart(tiny_dir, tmp_path, local_text
     worker.start()
     time.sleep(1.5)
     assert worker.is_alive(), "the client should still be retrying while the server is down"
-    second = start_server(tiny_dir, port, log)
+    second, _ = start_service(tiny_dir, *SERVER_ARGS, port=port, log=log, wait=False)
     try:
         worker.join(timeout=120)
         assert not worker.is_alive()
         assert torch.equal(result["emb"].y, local_text.encode(["restart"]).y)
     finally:
-        stop(second)
+        stop_service(second)
 
 
 def test_health_answers_during_a_long_decode(server):
@@ -353,7 +363,7 @@ def test_health_answers_during_a_long_decode(server):
 # --------------------------------------------------------------------------------------------
 
 class _FailingVAE:
-    z_channels = 16
+    z_channels = Z
 
     def decode(self, latents):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -392,13 +402,45 @@ def test_model_failure_is_a_500_with_message_and_loading_is_503():
 
     failed = ServiceModels()
     failed.load_in_background(broken, None).join()
-    client = create_app(failed).test_client()
-    r = client.get("/health")
+    client = create_app(failed, token="t").test_client()
+    r = client.get("/health")        # open: states and a hint only, never paths or messages
     assert r.status_code == 503 and r.json["status"] == "failed"
-    assert "step_llm/config.json" in r.json["models"]["caption"]
+    assert r.json["models"] == {"caption": "failed", "vae": "absent"}
+    assert "/info" in r.json["hint"] and "step_llm" not in r.get_data(as_text=True)
+    assert client.get("/info").status_code == 401
+    info = client.get("/info", headers={"Authorization": "Bearer t"}).json
+    assert "step_llm/config.json" in info["models"]["caption"]["detail"]
     r = client.post("/caption-api", data=CaptionRequest(("x",)).to_bytes(),
-                    content_type=CONTENT_TYPE)
+                    content_type=CONTENT_TYPE, headers={"Authorization": "Bearer t"})
     assert r.status_code == 503 and r.json["retryable"] is False
+
+
+class _AssertingVAE(_FailingVAE):
+    def decode(self, latents):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    decode_uint8 = decode
+
+
+def test_cuda_error_marks_the_model_failed():
+    from stepvideo.service.server import ServiceModels, create_app, is_cuda_error
+
+    models = ServiceModels(vae=_AssertingVAE())
+    client = create_app(models).test_client()
+    assert client.get("/health").json["status"] == "ready"
+    body = VAERequest(latents(0)).to_bytes()
+    r = client.post("/vae-api", data=body, content_type=CONTENT_TYPE)
+    assert r.status_code == 500 and "device-side assert" in r.json["error"]
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["status"] == "failed"
+    assert health.json["models"] == {"caption": "absent", "vae": "failed"}
+    assert "device-side assert" in client.get("/info").json["models"]["vae"]["detail"]
+    r = client.post("/vae-api", data=body, content_type=CONTENT_TYPE)
+    assert r.status_code == 503 and r.json["retryable"] is False
+    # Out of memory leaves the context usable (the first test keeps its model ready).
+    assert not is_cuda_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_cuda_error(ValueError("CUDA"))
+    assert is_cuda_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
 def test_message_round_trip_keeps_fields_and_tensors():
@@ -435,13 +477,47 @@ def test_no_pickle_in_service_code():
 
 
 class _ZeroVAE:
-    z_channels = 16
+    z_channels = Z
 
     def decode(self, latents):
-        return torch.zeros(latents.shape[0], latents.shape[1] // 3 * 17, 3, 16, 16)
+        b, f, _, h, w = latents.shape
+        return torch.zeros(b, f // 3 * 17, 3, 16 * h, 16 * w)
 
     def decode_uint8(self, latents):
-        return to_uint8_frames(self.decode(latents))
+        return uint8_per_sample(self.decode(latents))
+
+
+class _InProcessVAE(RemoteVAE):
+    """RemoteVAE whose POSTs go to ``vae`` in this process; ``reshape`` corrupts the answer."""
+
+    def __init__(self, vae, reshape=None):
+        super().__init__("127.0.0.1:1")
+        self.vae, self.reshape, self.batches = vae, reshape, []
+
+    def _post(self, body: bytes) -> bytes:
+        req = VAERequest.from_bytes(body)
+        self.batches.append(req.latents.shape[0])
+        video = self.vae.decode_uint8(req.latents) if req.output == "uint8" else \
+            self.vae.decode(req.latents)
+        return VAEResponse(self.reshape(video) if self.reshape else video, req.output).to_bytes()
+
+
+def test_remote_vae_checks_the_answer_and_splits_big_batches():
+    z = latents(0, h=2, w=3)
+    assert _InProcessVAE(_ZeroVAE()).decode(z).shape == (1, 17, 3, 32, 48)
+    assert _InProcessVAE(_ZeroVAE()).decode_uint8(z).shape == (1, 17, 32, 48, 3)
+    bad = {"frames": lambda v: v[:, :-1], "width": lambda v: v[..., :-1],
+           "layout": lambda v: v.transpose(-1, -3), "dtype": lambda v: v.to(torch.int32)}
+    for name, reshape in bad.items():
+        with pytest.raises(ServiceError, match="bad answer from the server: vae_response") as err:
+            _InProcessVAE(_ZeroVAE(), reshape).decode(z)
+        assert "instead of" in str(err.value), name
+    with pytest.raises(ServiceError, match="uint8"):
+        _InProcessVAE(_ZeroVAE(), lambda v: v.float()).decode_uint8(z)
+
+    vae = _InProcessVAE(_ZeroVAE())
+    video = vae.decode_uint8(torch.randn(MAX_VAE_BATCH + 2, 3, Z, 1, 1))
+    assert video.shape == (MAX_VAE_BATCH + 2, 17, 16, 16, 3) and vae.batches == [MAX_VAE_BATCH, 2]
 
 
 def test_mutated_bodies_never_cause_a_500():

@@ -283,7 +283,11 @@ def peak_cpu_bytes(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:  # private API: torch may rename it
+        pytest.skip(f"torch {torch.__version__} has no profiler.kineto_results (private API this "
+                    "test reads the allocator's memory events from)")
+    events = [e for e in results.events() if e.name() == "[memory]"]
     live = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
         live += e.nbytes()

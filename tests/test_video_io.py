@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -25,16 +26,29 @@ def vectors():
     return load_tensors("postprocess.safetensors")
 
 
-def _case_a_input(vectors):
-    """caseA_base upsampled 16x by nearest neighbour on H and W (kit section 9)."""
-    return vectors["caseA_base"].repeat_interleave(16, dim=-2).repeat_interleave(16, dim=-1)
+def _case_a_geometry(spec) -> tuple[int, tuple[int, ...]]:
+    """The kit's caseA recipe, "caseA_base (..) repeat_interleave(N) on H and W -> (shape)":
+    the upsampling factor N and the input shape it makes."""
+    recipe = spec["caseA"]["input"]
+    factor = re.search(r"repeat_interleave\((\d+)\) on H and W", recipe)
+    shape = re.search(r"-> \(([\d, ]+)\)", recipe)
+    assert factor and shape, f"unexpected caseA recipe in postprocess.json: {recipe!r}"
+    return int(factor.group(1)), tuple(int(n) for n in shape.group(1).split(","))
+
+
+def _case_a_input(spec, vectors):
+    """caseA_base upsampled by nearest neighbour on H and W (kit section 9)."""
+    factor, shape = _case_a_geometry(spec)
+    base = vectors["caseA_base"]
+    video = base.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    assert tuple(video.shape) == shape
+    return video
 
 
 # --- kit vectors ----------------------------------------------------------------------------
 
 def test_case_a_writer_array(spec, vectors):
-    video = _case_a_input(vectors)
-    assert tuple(video.shape[-2:]) == (544, 992)
+    video = _case_a_input(spec, vectors)
     frames = crop_540p(to_uint8_frames(video))
     assert list(frames.shape) == spec["caseA"]["output_shape"]
     assert frames.dtype == np.uint8
@@ -84,12 +98,15 @@ def test_h264_written_and_read_back(tmp_path):
     assert [p.name for p in (tmp_path / "sub" / "dir").iterdir()] == ["v.mp4"]  # no temp left
 
 
-def test_crop_on_and_off(tmp_path, vectors):
-    video = _case_a_input(vectors).expand(1, 3, 3, 544, 992)
+def test_crop_on_and_off(tmp_path, spec, vectors):
+    video = _case_a_input(spec, vectors).expand(1, 3, -1, -1, -1)
+    height, width = video.shape[-2:]
+    _, crop_h, crop_w, _ = spec["caseA"]["output_shape"]
+    assert (crop_h, crop_w) != (height, width)  # the kit's case is one the crop changes
     cropped = read_video_info(save_video(video, tmp_path / "c.mp4"))
     full = read_video_info(save_video(video, tmp_path / "f.mp4", crop=False))
-    assert (cropped["width"], cropped["height"]) == (960, 540)
-    assert (full["width"], full["height"]) == (992, 544)
+    assert (cropped["width"], cropped["height"]) == (crop_w, crop_h)
+    assert (full["width"], full["height"]) == (width, height)
 
 
 def test_denoise_on_and_off(tmp_path):

@@ -392,8 +392,9 @@ def check_bind(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
         raise ServiceConfigError(
             f"refusing to listen on {host} without a token: anyone who can reach that address "
-            f"could use this server. Set {TOKEN_ENV} or pass --token_file PATH (clients send the token as "
-            f"'Authorization: Bearer SECRET' and read the same variable), or bind 127.0.0.1.")
+            f"could use this server. Set {TOKEN_ENV} or pass --token_file PATH (clients send the "
+            f"token as 'Authorization: Bearer SECRET' and read the same variable), or bind "
+            f"127.0.0.1.")
 
 
 def create_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
@@ -437,7 +438,7 @@ class ServerOptions:
     max_latent_elements: int = MAX_LATENT_ELEMENTS
 
     def resolved_token(self) -> str | None:
-        """``token``, else the stripped contents of ``token_file``, else ``$STEPVIDEO_API_TOKEN``."""
+        """``token``, else the stripped contents of ``token_file``, else $STEPVIDEO_API_TOKEN."""
         if self.token:
             return self.token
         if self.token_file:

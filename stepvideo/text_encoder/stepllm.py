@@ -28,7 +28,7 @@ from torch import nn
 
 from stepvideo.modules.layers import RMSNorm
 from stepvideo.weights import (CheckpointError, find_weight_files, load_safetensors,
-                               load_state_dict_strict, read_json)
+                               load_state_dict_strict, read_json, save_sharded)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -406,19 +406,4 @@ def write_step1_dir(path: str, config: "Step1Config | Mapping[str, Any]",
     if num_shards == 1:
         save_file(tensors, os.path.join(path, SINGLE_FILE))
         return
-    _write_shards(path, tensors, num_shards)
-
-
-def _write_shards(path: str, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
-    keys = list(tensors)
-    num_shards = min(num_shards, len(keys))
-    per_shard = math.ceil(len(keys) / num_shards)
-    weight_map = {}
-    for i in range(num_shards):
-        name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {k: tensors[k] for k in keys[i * per_shard:(i + 1) * per_shard]}
-        save_file(part, os.path.join(path, name))
-        weight_map.update({k: name for k in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    save_sharded(tensors, path, INDEX_FILE, "model-{i:05d}-of-{n:05d}.safetensors", num_shards)
