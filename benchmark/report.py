@@ -151,7 +151,7 @@ def render(save_path: Path) -> str:
 
 def write_gallery(save_path: str | os.PathLike) -> str:
     """Write ``SAVE_PATH/index.html`` (atomically) and return its path."""
-    from stepvideo.suite import write_bytes_atomic
+    from stepvideo.fileio import write_bytes_atomic
 
     save_path = Path(save_path)
     if not (save_path / "manifest.jsonl").is_file():

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .fileio import write_json_atomic
 from .runner import (GenerationRequest, PreflightError, broadcast_ints, build_parser, output_stem,
                      request_from_namespace)
 from .service.client import ServiceError
@@ -34,7 +35,7 @@ from .suite import (MANIFEST, SUITES, SUMMARY, UNCATEGORIZED, ManifestRecord, Pr
                     SuiteError, SuiteFiles, append_manifest, categorize, check_outputs,
                     format_summary, latest_by_index, parse_line_range, read_categories,
                     read_manifest, read_prompts, remove_temp_files, resolve_suite, select,
-                    summarize, write_json_file)
+                    summarize)
 
 SEED_MODES = ("same", "line")
 # Sidecar settings that must match for an existing video to count as done.
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = N
 def finish(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry], started: float,
            started_at: str) -> None:
     summary = run_summary(run, files, entries, started, started_at)
-    path = write_json_file(os.path.join(run.base.save_path, SUMMARY), summary)
+    path = write_json_atomic(os.path.join(run.base.save_path, SUMMARY), summary)
     print(format_summary(summary), flush=True)
     log(f"this run: {run.counts['generated']} generated, {run.counts['skipped']} already done, "
         f"{run.counts['failed']} failed in {summary['run']['wall_s']:.1f} s")

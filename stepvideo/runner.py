@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import sys
@@ -21,6 +20,7 @@ from . import __version__
 from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, TextEmbeddings,
                                        VideoSize, cfg_prompts, denoise, guided_velocity, initial_noise)
+from .fileio import write_json_atomic
 from .parallel import ParallelConfig, ParallelContext, setup_parallel
 from .weights import CheckpointError, read_json
 
@@ -415,14 +415,6 @@ def sidecar(req: GenerationRequest, ctx: ParallelContext, times: dict, paths: di
         "model_dir": os.path.abspath(req.model_dir),
         "outputs": {k: os.path.abspath(v) for k, v in paths.items()},
     }
-
-
-def write_json_atomic(path: str, record: dict) -> str:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

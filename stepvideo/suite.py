@@ -39,6 +39,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from .fileio import is_temp_file, write_bytes_atomic
+
 UNCATEGORIZED = "uncategorized"
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
@@ -299,27 +301,6 @@ def load_entries(files: SuiteFiles) -> list[PromptEntry]:
 # Atomic writes and the manifest
 # --------------------------------------------------------------------------------------------
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_json_file(path: str | os.PathLike, obj) -> Path:
-    text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
 @dataclass
 class ManifestRecord:
     """One finished attempt at one prompt. ``outputs`` are relative to the save path."""
@@ -384,14 +365,6 @@ def latest_by_index(records: Iterable[ManifestRecord]) -> dict[int, ManifestReco
 # --------------------------------------------------------------------------------------------
 # Resumability
 # --------------------------------------------------------------------------------------------
-
-_TEMP_PATTERNS = (re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.\w+)?$"),   # video_io._atomic_path
-                  re.compile(r"^.+\.tmp-\d+$"))                       # write_json_atomic & co.
-
-
-def is_temp_file(name: str) -> bool:
-    return any(p.match(name) for p in _TEMP_PATTERNS)
-
 
 def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporary files an interrupted atomic write left in ``directory``."""

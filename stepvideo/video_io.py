@@ -14,14 +14,14 @@ Files are written atomically: into a temporary file in the target directory, the
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import uuid
 import warnings
 
 import numpy as np
 import torch
+
+from .fileio import atomic_path
 
 FPS = 25
 CODEC = "libx264"
@@ -111,42 +111,6 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, pad, mode="edge") if any(p[1] for p in pad) else frames
 
 
-# --- atomic files ---------------------------------------------------------------------------
-
-def _output_dir(path: str) -> str:
-    """Create the parent directory of ``path``; a clear error if it cannot be written."""
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as err:
-        raise OSError(f"cannot create output directory {parent!r} for {path!r}: "
-                      f"{err.strerror or err}") from err
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output directory {parent!r} is not writable; choose another "
-                              f"path for {os.path.basename(path)!r}")
-    return parent
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str):
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, else is removed."""
-    parent = _output_dir(path)
-    name, ext = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp{ext}")
-    try:  # O_EXCL: never clobber; mode 0o666 & ~umask like a plain open() (mkstemp gives 0o600)
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except OSError as err:
-        raise PermissionError(f"cannot write to output directory {parent!r}: "
-                              f"{err.strerror or err}") from err
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # --- writers --------------------------------------------------------------------------------
 
 def save_video(video, path: str, fps: int = FPS, denoise: bool = True, crop: bool = True) -> str:
@@ -162,7 +126,7 @@ def save_video(video, path: str, fps: int = FPS, denoise: bool = True, crop: boo
     height, width = frames.shape[1:3]
     output_params = ["-vf", DENOISE_FILTER] if denoise else []
     path = os.fspath(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         writer = imageio_ffmpeg.write_frames(
             tmp, (width, height), fps=fps, codec=CODEC, pix_fmt_out=PIX_FMT,
             macro_block_size=1, ffmpeg_log_level="error", output_params=output_params)
@@ -190,7 +154,7 @@ def contact_sheet(frames, path: str, n: int = 8, cols: int = 4) -> str:
     for i, idx in enumerate(picks):
         sheet.paste(Image.fromarray(frames[idx]), ((i % cols) * width, (i // cols) * height))
     path = os.fspath(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
     return path
 

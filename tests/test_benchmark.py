@@ -216,9 +216,9 @@ def test_manifest_append_survives_torn_line(tmp_path):
 
 
 def test_temp_files_are_recognised_and_removed(tmp_path):
-    temps = [".0001-x-seed1.1a2b3c4d.tmp.mp4", ".clip.deadbeef.tmp.png", "v.json.tmp-1234",
-             "manifest.jsonl.tmp-99"]
-    keeps = ["v.mp4", "v.json", "v.png", ".hidden", "tmp.mp4"]
+    temps = [".0001-x-seed1.1a2b3c4d.tmp.mp4", ".clip.deadbeef.tmp.png", ".v.0badf00d.tmp.json",
+             ".summary.12345678.tmp.json"]
+    keeps = ["v.mp4", "v.json", "v.png", ".hidden", "tmp.mp4", "v.json.tmp-1234"]
     for name in temps + keeps:
         (tmp_path / name).write_text("x")
     assert sorted(p.name for p in remove_temp_files(tmp_path)) == sorted(temps)
@@ -448,7 +448,7 @@ def test_kill_and_resume_then_gallery(tiny_dir, service, tmp_path, capsys):
     for name in SELECTED.values():
         (save / name).mkdir(exist_ok=True)
         (save / name / ".clip-seed1.0123abcd.tmp.mp4").write_bytes(b"partial")
-        (save / name / "clip-seed1.json.tmp-4242").write_text("{")
+        (save / name / ".clip-seed1.4242abcd.tmp.json").write_text("{")
 
     text = run_bench(cmd, tmp_path / "rerun.log")
     kept = len(done_at_kill) - 1
