@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from .fileio import write_json_atomic
-from .runner import (GenerationRequest, PreflightError, broadcast_ints, build_parser, output_stem,
+from .runner import (GenerationRequest, PreflightError, build_parser, output_stem,
                      request_from_namespace)
 from .service.client import ServiceError
 from .suite import (MANIFEST, SUITES, SUMMARY, UNCATEGORIZED, ManifestRecord, PromptEntry,
@@ -249,8 +249,8 @@ class BenchmarkRun:
             except ServiceError as e:
                 refusal = f"text encoding failed: {e}"
             text_s = time.perf_counter() - t0
-        refused = broadcast_ints([int(refusal is not None)] if self.is_main else None,
-                                 self.gen.ctx, self.gen.device)[0]
+        refused = self.gen.ctx.broadcast_ints([int(refusal is not None)] if self.is_main else None,
+                                              self.gen.device)[0]
         if refused:
             return self._failed(job, refusal, position)
         try:
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = N
         todo = [job.entry.index for job in run.plan(jobs)]
         log(f"{len(jobs) - len(todo)} already done, {len(todo)} to run; results go to "
             f"{os.path.abspath(base.save_path)}")
-    wanted = set(broadcast_ints(todo, gen.ctx, gen.device))
+    wanted = set(gen.ctx.broadcast_ints(todo, gen.device))
     todo = [job for job in jobs if job.entry.index in wanted]
     for i, job in enumerate(todo, start=1):
         run.run_job(job, f"[{i}/{len(todo)}]")

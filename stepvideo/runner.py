@@ -222,39 +222,15 @@ def output_stem(req: GenerationRequest) -> str:
     return os.path.join(req.save_path, f"{slug}-{digest}-seed{req.seed}{req.name_suffix}")
 
 
-def _comm_device(device: torch.device) -> torch.device:
-    return device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA, gloo CPU
-
-
-def broadcast_ints(values: list[int] | None, ctx: ParallelContext, device: torch.device) -> list[int]:
-    """Rank 0's list of integers on every rank (length first, then the values; no pickling)."""
-    if ctx.world_size == 1:
-        return list(values)
-    import torch.distributed as dist
-
-    comm = _comm_device(device)
-    n = torch.tensor([len(values) if ctx.is_main else 0], device=comm)
-    dist.broadcast(n, 0)
-    buf = (torch.tensor(values, dtype=torch.long, device=comm) if ctx.is_main
-           else torch.zeros(int(n), dtype=torch.long, device=comm))
-    if len(buf):
-        dist.broadcast(buf, 0)
-    return buf.tolist()
-
-
 def broadcast_text(text: TextEmbeddings | None, ctx: ParallelContext, device, dtype) -> TextEmbeddings:
     """Rank 0's embeddings on every rank (shapes first, then the tensors; no pickling)."""
     if ctx.world_size == 1:
         return text.to(device, dtype)
-    import torch.distributed as dist
-
     shapes = [*text.y.shape, *text.clip.shape[1:]] if ctx.is_main else None
-    n, ly, dy, lc, dc = broadcast_ints(shapes, ctx, device)
+    n, ly, dy, lc, dc = ctx.broadcast_ints(shapes, device)
     if not ctx.is_main:
         text = TextEmbeddings(torch.empty(n, ly, dy), torch.empty(n, lc + ly), torch.empty(n, lc, dc))
-    parts = [t.float().contiguous().to(_comm_device(device)) for t in (text.y, text.mask, text.clip)]
-    for t in parts:
-        dist.broadcast(t, 0)
+    parts = [ctx.broadcast_tensor(t.float(), device) for t in (text.y, text.mask, text.clip)]
     return TextEmbeddings(*parts).to(device, dtype)
 
 
@@ -296,8 +272,8 @@ class VideoGenerator:
                 check_services(req)
             except PreflightError as e:
                 problem = e
-        failed = broadcast_ints([int(problem is not None)] if self.ctx.is_main else None,
-                                self.ctx, self.device)[0]
+        failed = self.ctx.broadcast_ints([int(problem is not None)] if self.ctx.is_main else None,
+                                         self.device)[0]
         if failed:
             raise problem or PreflightError("rank 0 reported a failed check")
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import ROOT, free_port, running_service
@@ -117,3 +118,21 @@ def test_presets_and_help():
     out = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--ulysses_degree" in out.stdout and "--cfg_parallel" in out.stdout
+
+
+def test_vae_failure_keeps_the_latents(model_dir, tmp_path):
+    """A VAE service that refuses the decode (here: a latent cap below the video's size) fails the
+    run with one line after denoising, and the denoised latents are on disk to decode later."""
+    from safetensors.torch import load_file
+
+    with running_service(model_dir, "--max_latent_elements", "64") as (_, url):
+        proc = run_cli(["--model_dir", model_dir, "--vae_url", url, "--caption_url", url,
+                        "--prompt", "a kite", "--num_frames", "17", "--height", "64", "--width", "64",
+                        "--infer_steps", "2", "--seed", "5", "--save_path", str(tmp_path)])
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    saved = re.search(r"latents are saved in (\S+\.latents\.safetensors)", lines[0]).group(1)
+    latents = load_file(saved)["latents"]
+    assert latents.shape[:2] == (1, 3) and torch.isfinite(latents).all()
+    assert not list(tmp_path.glob("*.mp4"))

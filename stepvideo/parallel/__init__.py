@@ -34,6 +34,26 @@ class ParallelContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def broadcast_ints(self, values: list[int] | None, device: torch.device) -> list[int]:
+        """Rank 0's list of integers on every rank (length first, then the values; no pickling)."""
+        if self.world_size == 1:
+            return list(values)
+        n = self.broadcast_tensor(torch.tensor([len(values) if self.is_main else 0]), device)
+        buf = torch.tensor(values, dtype=torch.long) if self.is_main else torch.zeros(int(n), dtype=torch.long)
+        return self.broadcast_tensor(buf, device).tolist() if len(buf) else []
+
+    def broadcast_tensor(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Rank 0's ``tensor`` (others pass one of the same shape and dtype), on the communication
+        device: ``device`` for NCCL, the CPU for gloo."""
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        comm = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+        tensor = tensor.contiguous().to(comm)
+        dist.broadcast(tensor, 0)
+        return tensor
+
     def apply(self, model) -> None:
         """Install the sequence plan and the tensor-parallel linears on a loaded DiT."""
         model.plan = self.plan
