@@ -38,12 +38,12 @@ class GenerationRequest:
     transformer_dir: str | None = None
     vae_url: str = "127.0.0.1"
     caption_url: str = "127.0.0.1"
-    infer_steps: int = 50
-    cfg_scale: float = 9.0
-    time_shift: float = 13.0
-    num_frames: int = 204
-    height: int = 544
-    width: int = 992
+    infer_steps: int = PRESETS["base"].num_inference_steps
+    cfg_scale: float = PRESETS["base"].guidance_scale
+    time_shift: float = PRESETS["base"].time_shift
+    num_frames: int = PRESETS["base"].num_frames
+    height: int = PRESETS["base"].height
+    width: int = PRESETS["base"].width
     seed: int = DEFAULT_SEED
     save_path: str = "./results"
     name_suffix: str = ""
@@ -101,9 +101,10 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps (preset)")
     g.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance (preset)")
     g.add_argument("--time_shift", type=float, default=None, help="schedule time shift (preset)")
-    g.add_argument("--num_frames", type=int, default=204, help="rounded down to a multiple of 17")
-    g.add_argument("--height", type=int, default=544, help="rounded down to a multiple of 16")
-    g.add_argument("--width", type=int, default=992, help="rounded down to a multiple of 16")
+    base = PRESETS["base"]
+    g.add_argument("--num_frames", type=int, default=base.num_frames, help="rounded down to a multiple of 17")
+    g.add_argument("--height", type=int, default=base.height, help="rounded down to a multiple of 16")
+    g.add_argument("--width", type=int, default=base.width, help="rounded down to a multiple of 16")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="decides the initial noise")
     g.add_argument("--pos_magic", default=POS_MAGIC, help="appended to the prompt")
     g.add_argument("--neg_magic", default=NEG_MAGIC, help="the negative prompt")
