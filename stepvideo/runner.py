@@ -18,8 +18,8 @@ import torch
 
 from . import __version__
 from .diffusion.scheduler import load_scheduler
-from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, TextEmbeddings,
-                                       VideoSize, cfg_prompts, denoise, guided_velocity, initial_noise)
+from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, StepVideoPipeline,
+                                       TextEmbeddings, VideoSize, cfg_prompts, guided_velocity)
 from .fileio import write_json_atomic
 from .parallel import ParallelConfig, ParallelContext, setup_parallel
 from .weights import CheckpointError, read_json
@@ -253,9 +253,8 @@ class VideoGenerator:
                                   self.device)
         self._rank0_checks(req)
         t0 = time.perf_counter()
-        self.model = self._load(req)
+        self.pipe = StepVideoPipeline(self._load(req), load_scheduler(req.model_dir))
         self.load_seconds = time.perf_counter() - t0
-        self.scheduler = load_scheduler(req.model_dir)
         self.text_encoder = self.vae = None
         if self.ctx.is_main:
             from .service.client import RemoteTextEncoder, RemoteVAE
@@ -307,10 +306,6 @@ class VideoGenerator:
             text = self.encode_text(req)
         text = broadcast_text(text, self.ctx, self.device, self.dtype)
         times["text_encode"] = time.perf_counter() - t0 + text_seconds
-        shape = req.size.latent_shape(1, self.cfg.in_channels)
-        latents = initial_noise(shape, req.seed, self.dtype).to(self.device)
-        sched = self.scheduler
-        sched.set_timesteps(req.infer_steps, req.time_shift, device=self.device)
         step_times, bar = [], self._progress(req.infer_steps, progress)
         last = [time.perf_counter()]
 
@@ -325,8 +320,9 @@ class VideoGenerator:
                 bar.update(1)
 
         t0 = time.perf_counter()
-        x = denoise(self.model, latents, text, sched, req.cfg_scale,
-                    velocity=self.ctx.velocity or guided_velocity, on_step=on_step)
+        x = self.pipe.sample(text, req.size, req.infer_steps, req.cfg_scale, req.time_shift,
+                             seed=req.seed, velocity=self.ctx.velocity or guided_velocity,
+                             on_step=on_step)
         times["denoise"] = time.perf_counter() - t0
         times["denoise_step_mean"] = sum(step_times) / len(step_times)
         if bar is not None:

@@ -184,18 +184,9 @@ class StepVideoPipeline:
         if output_type not in ("mp4", "latent", "tensor"):
             raise ValueError(f"output_type must be 'mp4', 'latent' or 'tensor', got {output_type!r}")
         text = self.encode_prompt(prompts, pos_magic, neg_magic)
-        if latents is None:
-            size = VideoSize.rounded(num_frames, height, width)
-            shape = size.latent_shape(len(prompts), self.transformer.config.in_channels)
-            dtype = next(self.transformer.parameters()).dtype
-            if generator is not None:  # the caller's generator (on its own device) wins over seed
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32,
-                                      device=generator.device).to(dtype)
-            else:
-                latents = initial_noise(shape, seed, dtype)
-        self.scheduler.set_timesteps(num_inference_steps, time_shift, device=self.device)
-        x = denoise(self.transformer, latents.to(self.device), text, self.scheduler,
-                    guidance_scale, on_step=on_step)
+        x = self.sample(text, VideoSize.rounded(num_frames, height, width), num_inference_steps,
+                        guidance_scale, time_shift, seed=seed, latents=latents, generator=generator,
+                        on_step=on_step)
         if output_type == "latent":
             return {"video": x} if return_dict else x
         video = self.vae_decode(x)
@@ -205,6 +196,30 @@ class StepVideoPipeline:
             path = save_video(video, output_file_name or "video.mp4")
             return {"video": video, "path": path} if return_dict else video
         return {"video": video} if return_dict else video
+
+    def initial_latents(self, batch: int, size: VideoSize, seed: int = DEFAULT_SEED,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise of the latent shape for ``size``: from ``seed`` (the same on every rank and
+        device), or from the caller's ``generator`` (on its own device) when one is given."""
+        shape = size.latent_shape(batch, self.transformer.config.in_channels)
+        dtype = next(self.transformer.parameters()).dtype
+        if generator is not None:
+            return torch.randn(shape, generator=generator, dtype=torch.float32,
+                               device=generator.device).to(dtype)
+        return initial_noise(shape, seed, dtype)
+
+    @torch.inference_mode()
+    def sample(self, text: TextEmbeddings, size: VideoSize, num_inference_steps: int,
+               guidance_scale: float, time_shift: float, seed: int = DEFAULT_SEED,
+               latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               velocity: Callable = guided_velocity,
+               on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Text embeddings [positives, negatives] -> denoised float32 latents (B, f, C, h, w)."""
+        if latents is None:
+            latents = self.initial_latents(text.y.shape[0] // 2, size, seed, generator)
+        self.scheduler.set_timesteps(num_inference_steps, time_shift, device=self.device)
+        return denoise(self.transformer, latents.to(self.device), text, self.scheduler,
+                       guidance_scale, velocity=velocity, on_step=on_step)
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
