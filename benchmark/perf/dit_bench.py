@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # flops.py beside us; the repo, if not installed
 import flops  # noqa: E402
 
+from stepvideo.diffusion.video_pipeline import VideoSize  # noqa: E402
 from stepvideo.modules import attention  # noqa: E402
 from stepvideo.modules.model import DiTConfig, StepVideoModel  # noqa: E402
 from stepvideo.modules.rope import rope_tables  # noqa: E402
@@ -48,8 +49,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def latent_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Video frames/pixels -> latent (frames, h, w): 17 frames -> 3, 16x16 pixels -> 1 token."""
-    return frames // 17 * 3, height // 16, width // 16
+    """Video frames/pixels -> latent (frames, h, w), by the pipeline's own rounding rule."""
+    _, f, _, h, w = VideoSize.rounded(frames, height, width).latent_shape(1, 1)
+    return f, h, w
 
 
 def token_grid(tokens: int) -> tuple[int, int, int]:

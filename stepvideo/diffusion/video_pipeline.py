@@ -12,13 +12,13 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
 from .scheduler import FlowMatchDiscreteScheduler, cfg_combine, load_scheduler
 
 POS_MAGIC = ("超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、"
              "自然、生动、超细节、清晰。")
 NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
 DEFAULT_SEED = 67280421310721
-FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION = 17, 3, 16
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,13 @@ class VideoSize:
             raise ValueError(f"num_frames, height and width must be positive, got "
                              f"{num_frames}, {height}, {width}")
         return cls(max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1),
-                   max(height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, 16),
-                   max(width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION, 16))
+                   max(height // SPATIAL_FACTOR * SPATIAL_FACTOR, 16),
+                   max(width // SPATIAL_FACTOR * SPATIAL_FACTOR, 16))
 
     def latent_shape(self, batch: int, channels: int) -> tuple[int, int, int, int, int]:
-        frames = max(self.num_frames // FRAMES_PER_CHUNK * LATENT_FRAMES_PER_CHUNK, 1)
-        return (batch, frames, channels, self.height // SPATIAL_COMPRESSION,
-                self.width // SPATIAL_COMPRESSION)
+        frames = max(self.num_frames // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK, 1)
+        return (batch, frames, channels, self.height // SPATIAL_FACTOR,
+                self.width // SPATIAL_FACTOR)
 
 
 @dataclass

@@ -33,6 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
+
 PROTOCOL = "stepvideo-service/1"
 DEFAULT_PORT = 8080
 TOKEN_ENV = "STEPVIDEO_API_TOKEN"
@@ -47,7 +49,6 @@ OUTPUT_KINDS = ("float", "uint8")
 # latent element over 64 channels), so 2**23 already allows ~0.57 G output elements per request.
 MAX_LATENT_ELEMENTS = 1 << 23
 MAX_VAE_BATCH = 4
-LATENT_FRAMES_PER_CHUNK, FRAMES_PER_CHUNK, SPATIAL_UPSAMPLE = 3, 17, 16
 
 
 class ProtocolError(ValueError):
@@ -246,7 +247,7 @@ class VAELimits:
     """What the VAE endpoint accepts: the hosted VAE's latent width and size caps."""
 
     z_channels: int
-    latent_frames_per_chunk: int = LATENT_FRAMES_PER_CHUNK
+    latent_frames_per_chunk: int = LATENTS_PER_CHUNK
     max_latent_elements: int = MAX_LATENT_ELEMENTS
     max_batch: int = MAX_VAE_BATCH
     dtypes: tuple[str, ...] = tuple(FLOAT_DTYPES)
@@ -311,8 +312,8 @@ class VAEResponse:
         """The answer to latents of ``latent_shape`` (B, F, z, h, w) asked as ``output``: float
         (B, F/3*17, 3, 16h, 16w) or uint8 (B, F/3*17, 16h, 16w, 3); InvalidPayload otherwise."""
         b, f, _, h, w = latent_shape
-        frames = f // LATENT_FRAMES_PER_CHUNK * FRAMES_PER_CHUNK
-        hh, ww = h * SPATIAL_UPSAMPLE, w * SPATIAL_UPSAMPLE
+        frames = f // LATENTS_PER_CHUNK * FRAMES_PER_CHUNK
+        hh, ww = h * SPATIAL_FACTOR, w * SPATIAL_FACTOR
         if output == "uint8":
             shape, wanted = (b, frames, hh, ww, 3), "uint8"
             dtype_ok = self.video.dtype == torch.uint8
