@@ -226,3 +226,13 @@ def test_import_has_no_side_effects():
     imported = set(out.stdout.split())
     assert {"stepvideo.runner", "stepvideo.service.server", "stepvideo.parallel.xfuser_backend",
             "stepvideo.text_encoder.stepllm", "stepvideo.vae.vae", "stepvideo.bench"} <= imported
+
+
+@torch.no_grad()
+def test_compiled_blocks_match_official(spec, io):
+    """``--compile`` (torch.compile per block) gives the kit's numbers too."""
+    with torch.device("meta"):
+        m = StepVideoModel(**spec["config"])
+    load_state_dict_strict(m, load_tensors(spec["weights"]["file"], torch.float32))
+    m.eval().compile_blocks()
+    assert_close(_call(m, io), io["output"], spec["tolerance"], "compiled DiT")

@@ -196,6 +196,8 @@ def kit_small_case(args, device, dtype) -> dict | None:
 def block_case(args, device, dtype) -> dict:
     cfg = DiTConfig(num_layers=1)
     model = random_model(cfg, device, dtype)
+    if args.compile:
+        model.compile_blocks()
     block, d = model.transformer_blocks[0], cfg.inner_dim
     grid = token_grid(args.tokens)
     x = torch.randn(args.batch, args.tokens, d, device=device, dtype=dtype)  # (B, N, D)
@@ -214,6 +216,8 @@ def block_case(args, device, dtype) -> dict:
 def model_case(args, device, dtype) -> dict:
     cfg = DiTConfig(num_layers=args.layers)
     model = random_model(cfg, device, dtype)
+    if args.compile:
+        model.compile_blocks()
     grid = token_grid(args.tokens)
     inputs = model_inputs(cfg, args.batch, grid, args.text_len, 77, device, dtype)
     count = flops.dit_forward_flops(cfg, args.batch, args.tokens, args.text_len)
@@ -266,6 +270,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-len", type=int, default=397, help="context tokens (77 CLIP + 320 LLM)")
     p.add_argument("--layers", type=int, default=0, help="also time a whole N-layer model")
     p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash"])
+    p.add_argument("--compile", action="store_true", help="torch.compile every block (warm-up compiles)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-small", action="store_true", help="skip the kit's small config")

@@ -260,6 +260,12 @@ class StepVideoModel(nn.Module):
         save_sharded(self.state_dict(), transformer_dir, DIT_INDEX,
                      "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", num_shards, dtype)
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every block in place: fuses the element-wise work around the matmuls
+        (norms, modulation, RoPE, gates). Blocks share code, so one compilation serves all."""
+        for block in self.transformer_blocks:
+            block.compile(**options)
+
     # --- forward -------------------------------------------------------------------------
 
     def text_context(self, y: torch.Tensor, clip: torch.Tensor,
