@@ -110,7 +110,7 @@ def load_state_dict_strict(module: torch.nn.Module, state: Mapping[str, torch.Te
     """Load ``state`` into ``module`` (which may live on the meta device) with assign=True.
 
     Missing keys, unexpected keys and shape mismatches are one CheckpointError that lists them.
-    Non-persistent buffers are not part of the check; materialise them with ``init_buffers``.
+    Non-persistent buffers are not part of the check; a model built on meta re-creates its own.
     """
     expected = module.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in state]
@@ -128,15 +128,6 @@ def load_state_dict_strict(module: torch.nn.Module, state: Mapping[str, torch.Te
         raise CheckpointError(f"{what} does not match the model config: " + "; ".join(problems)
                               + ". Check that config.json belongs to these weights.")
     module.load_state_dict(dict(state), strict=True, assign=True)
-
-
-def init_buffers(module: torch.nn.Module, device: str | torch.device) -> None:
-    """Re-create meta-device non-persistent buffers on ``device`` by calling each module's
-    ``reset_buffers(device)`` when it has one."""
-    for m in module.modules():
-        reset = getattr(m, "reset_buffers", None)
-        if callable(reset):
-            reset(device)
 
 
 def save_sharded(state: Mapping[str, torch.Tensor], directory: str, index_name: str,

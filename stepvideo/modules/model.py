@@ -8,6 +8,7 @@ Module and parameter names are the checkpoint's names, so the official
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -250,8 +251,6 @@ class StepVideoModel(nn.Module):
     def save_pretrained(self, transformer_dir: str, num_shards: int = 2,
                         dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` + sharded safetensors + index in the official layout."""
-        import json
-
         os.makedirs(transformer_dir, exist_ok=True)
         cfg = dataclasses.asdict(self.config)
         cfg["caption_channels"] = list(cfg["caption_channels"])
