@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     if record is not None:
-        out = record["outputs"]
+        out = {k: os.path.abspath(v) for k, v in record["outputs"].items()}
         print(f"wrote {out['video']} ({record['frames']} frames, {record['width']}x{record['height']}), "
               f"sidecar {out['sidecar']}" + (f", contact sheet {out['contact_sheet']}"
                                              if "contact_sheet" in out else ""))
