@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from .weights import CheckpointError, read_json
+from .weights import CheckpointError, missing_shards
 
 BASE_REPO = "stepfun-ai/stepvideo-t2v"
 TURBO_REPO = "stepfun-ai/stepvideo-t2v-turbo"
@@ -133,18 +133,10 @@ def missing_files(model_dir: str, parts: Sequence[str] = PARTS,
             path = os.path.join(base, rel.split("/", 1)[1])
             if not os.path.isfile(path):
                 missing.append(path)
-        if part in SHARD_INDEX:
-            missing += _missing_shards(os.path.join(base, SHARD_INDEX[part].split("/", 1)[1]))
+        index = os.path.join(base, SHARD_INDEX[part].split("/", 1)[1]) if part in SHARD_INDEX else None
+        if index is not None and os.path.isfile(index):  # a missing index is listed above
+            missing += missing_shards(index)
     return missing
-
-
-def _missing_shards(index_path: str) -> list[str]:
-    if not os.path.isfile(index_path):
-        return []
-    weight_map = read_json(index_path, "checkpoint index").get("weight_map") or {}
-    folder = os.path.dirname(index_path)
-    shards = sorted(set(weight_map.values()))
-    return [os.path.join(folder, s) for s in shards if not os.path.isfile(os.path.join(folder, s))]
 
 
 def check_model_dir(model_dir: str, parts: Sequence[str] = PARTS,

@@ -20,7 +20,6 @@ import argparse
 import collections
 import dataclasses
 import io
-import json
 import os
 import re
 import tempfile
@@ -29,6 +28,8 @@ from importlib import resources
 
 import torch
 from safetensors.torch import save_file
+
+from .fileio import write_json_atomic
 
 CORPUS = "tiny_corpus.txt"
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -125,19 +126,14 @@ def bert_vocab(lines: list[str]) -> list[str]:
 # The parts
 # --------------------------------------------------------------------------------------------
 
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def write_index_files(root: str) -> None:
-    _write_json(os.path.join(root, "model_index.json"), {
+    write_json_atomic(os.path.join(root, "model_index.json"), {
         "_class_name": "StepVideoPipeline",
         "scheduler": ["stepvideo.diffusion.scheduler", "FlowMatchDiscreteScheduler"],
         "transformer": ["stepvideo.modules.model", "StepVideoModel"]})
-    _write_json(os.path.join(root, "scheduler", "scheduler_config.json"), {
+    write_json_atomic(os.path.join(root, "scheduler", "scheduler_config.json"), {
         "_class_name": "FlowMatchDiscreteScheduler", "num_train_timesteps": 1000,
         "reverse": False, "solver": "euler"})
 
@@ -197,7 +193,7 @@ def write_vae(root: str, sizes: TinySizes, gen: torch.Generator) -> None:
     vae_dir = os.path.join(root, "vae")
     os.makedirs(vae_dir, exist_ok=True)
     save_file(_bf16(state_dict_for_checkpoint(model)), os.path.join(vae_dir, "vae_v2.safetensors"))
-    _write_json(os.path.join(vae_dir, "config.json"), config.to_dict())
+    write_json_atomic(os.path.join(vae_dir, "config.json"), config.to_dict())
 
 
 def write_tiny_model(directory: str, seed: int = 0, sizes: TinySizes = TinySizes()) -> str:

@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .fileio import write_json_atomic
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory or file does not match what the model expects."""
@@ -39,23 +41,34 @@ def read_json(path: str, what: str) -> dict:
         raise CheckpointError(f"{what}: {path} is not valid JSON ({e}); re-download it.") from e
 
 
+def index_shards(index_path: str) -> list[str]:
+    """Paths of the shards a ``*.safetensors.index.json`` lists, beside it, sorted."""
+    weight_map = read_json(index_path, "checkpoint index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path} has no 'weight_map'.")
+    folder = os.path.dirname(index_path)
+    return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+
+
+def missing_shards(index_path: str) -> list[str]:
+    """The shards an index lists that are not on disk."""
+    return [p for p in index_shards(index_path) if not os.path.isfile(p)]
+
+
 def sharded_files(directory: str, index_name: str) -> list[str]:
     """Return the shard paths listed by ``index_name`` (a ``*.safetensors.index.json``) in ``directory``.
 
     Raises a CheckpointError naming every shard the index lists but the directory lacks.
     """
-    index = read_json(os.path.join(directory, index_name), "checkpoint index")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{os.path.join(directory, index_name)} has no 'weight_map'.")
-    shards = sorted(set(weight_map.values()))
-    missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+    index_path = os.path.join(directory, index_name)
+    shards = index_shards(index_path)
+    missing = [os.path.basename(p) for p in missing_shards(index_path)]
     if missing:
         raise CheckpointError(
             f"{directory} is incomplete: the index lists {len(shards)} shard(s) but "
             f"{len(missing)} are missing: {_short_list(missing)}. Finish the download "
             "(`python -m stepvideo.download DIR` resumes it).")
-    return [os.path.join(directory, s) for s in shards]
+    return shards
 
 
 def find_weight_files(directory: str, index_name: str, single_name: str) -> list[str]:
@@ -153,6 +166,6 @@ def save_sharded(state: Mapping[str, torch.Tensor], directory: str, index_name: 
         weight_map.update({k: name for k in part})
         paths.append(os.path.join(directory, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
-    with open(os.path.join(directory, index_name), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_json_atomic(os.path.join(directory, index_name),
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
     return paths

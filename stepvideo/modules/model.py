@@ -8,13 +8,13 @@ Module and parameter names are the checkpoint's names, so the official
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..fileio import write_json_atomic
 from ..parallel.plan import LocalPlan
 from ..weights import (CheckpointError, find_weight_files, load_safetensors, load_state_dict_strict,
                        read_json, save_sharded)
@@ -254,8 +254,8 @@ class StepVideoModel(nn.Module):
         os.makedirs(transformer_dir, exist_ok=True)
         cfg = dataclasses.asdict(self.config)
         cfg["caption_channels"] = list(cfg["caption_channels"])
-        with open(os.path.join(transformer_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump({"_class_name": "StepVideoModel", **cfg}, f, indent=2)
+        write_json_atomic(os.path.join(transformer_dir, "config.json"),
+                          {"_class_name": "StepVideoModel", **cfg})
         save_sharded(self.state_dict(), transformer_dir, DIT_INDEX,
                      "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", num_shards, dtype)
 

@@ -8,7 +8,6 @@ Prompts are padded to max_length (77) and truncated; no token_type_ids are passe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizer
 
+from stepvideo.fileio import write_json_atomic
 from stepvideo.weights import CheckpointError, load_safetensors, load_state_dict_strict, read_json
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def write_clip_dir(path: str, bert_config_dict: Mapping[str, Any],
     os.makedirs(enc_dir, exist_ok=True)
     os.makedirs(tok_dir, exist_ok=True)
     config = {"architectures": ["BertModel"], "model_type": "bert", **dict(bert_config_dict)}
-    _write_json(os.path.join(enc_dir, "config.json"), config)
+    write_json_atomic(os.path.join(enc_dir, "config.json"), config)
     tensors = {key_prefix + k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     if use_safetensors:
         save_file(tensors, os.path.join(enc_dir, SAFETENSORS_FILE))
@@ -160,14 +160,11 @@ def write_clip_dir(path: str, bert_config_dict: Mapping[str, Any],
         torch.save(tensors, os.path.join(enc_dir, BIN_FILE))
     with open(os.path.join(tok_dir, "vocab.txt"), "w", encoding="utf-8") as f:
         f.write("".join(line.rstrip("\n") + "\n" for line in vocab_lines))
-    _write_json(os.path.join(tok_dir, "tokenizer_config.json"),
+    write_json_atomic(os.path.join(tok_dir, "tokenizer_config.json"),
                 {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
                  "tokenize_chinese_chars": True, "strip_accents": None})
-    _write_json(os.path.join(tok_dir, "special_tokens_map.json"),
+    write_json_atomic(os.path.join(tok_dir, "special_tokens_map.json"),
                 {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                  "cls_token": "[CLS]", "mask_token": "[MASK]"})
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)

@@ -13,7 +13,6 @@ Tokenizer wrapper: ids = [1] + pieces[:max_length-2] + [2], padded with 2, mask 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from stepvideo.fileio import write_json_atomic
 from stepvideo.modules.layers import RMSNorm
 from stepvideo.weights import (CheckpointError, find_weight_files, load_safetensors,
                                load_state_dict_strict, read_json, save_sharded)
@@ -399,8 +399,7 @@ def write_step1_dir(path: str, config: "Step1Config | Mapping[str, Any]",
     os.makedirs(path, exist_ok=True)
     config_dict = (dataclasses.asdict(config) if isinstance(config, Step1Config)
                    else dict(config))
-    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config_dict, f, indent=2)
+    write_json_atomic(os.path.join(path, CONFIG_FILE), config_dict)
     shutil.copyfile(tokenizer_model_path, os.path.join(path, TOKENIZER_FILE))
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     if num_shards == 1:
