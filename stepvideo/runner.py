@@ -425,3 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
