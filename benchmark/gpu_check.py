@@ -173,7 +173,8 @@ def tiny_pipeline_cuda():
 
 def _tiny_pipeline_runs(root: str) -> dict:
     from stepvideo.diffusion.video_pipeline import StepVideoPipeline
-    from stepvideo.service.client import LocalTextEncoder, LocalVAE
+    from stepvideo.text_encoder.local import LocalTextEncoder
+    from stepvideo.vae.local import LocalVAE
 
     outs = {}
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
@@ -198,7 +199,9 @@ def service_cuda(device: str = "cuda"):
     import tempfile
 
     from stepvideo.diffusion.video_pipeline import StepVideoPipeline
-    from stepvideo.service.client import LocalTextEncoder, LocalVAE, RemoteTextEncoder, RemoteVAE
+    from stepvideo.service.client import RemoteTextEncoder, RemoteVAE
+    from stepvideo.text_encoder.local import LocalTextEncoder
+    from stepvideo.vae.local import LocalVAE
     from stepvideo.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
-from stepvideo.diffusion.video_pipeline import TextEmbeddings, denoise, guided_velocity, initial_noise
+from stepvideo.conditioning import TextEmbeddings
+from stepvideo.diffusion.video_pipeline import denoise, guided_velocity, initial_noise
 from stepvideo.modules.model import StepVideoModel
 from stepvideo.parallel import ParallelConfig, setup_parallel
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from conformance import assert_close, load_json, load_tensors
 from stepvideo.modules.layers import timestep_sinusoid
 from stepvideo.modules.model import DiTConfig, StepVideoModel
-from stepvideo.modules.rope import apply_rope, rope_tables
+from stepvideo.modules.rope import Rope, apply_rope, rope_tables
 from stepvideo.weights import CheckpointError, load_state_dict_strict
 
 
@@ -115,8 +115,8 @@ def _rope_grid(spec) -> tuple[int, int, int]:
 
 def test_rope3d_matches_official(spec):
     io = load_tensors(spec["rope3d"]["file"])
-    cos, sin = rope_tables(*_rope_grid(spec), io["x"].shape[-1])
-    assert_close(apply_rope(io["x"], cos, sin), io["output"], spec["tolerance"], "rope3d")
+    rope = rope_tables(*_rope_grid(spec), io["x"].shape[-1])
+    assert_close(apply_rope(io["x"], rope), io["output"], spec["tolerance"], "rope3d")
 
 
 def test_rope_is_position_sensitive(spec):
@@ -124,7 +124,7 @@ def test_rope_is_position_sensitive(spec):
     io = load_tensors(spec["rope3d"]["file"])
     f, h, w = _rope_grid(spec)
     cos, sin = rope_tables(f, h, w, io["x"].shape[-1])
-    shifted = apply_rope(io["x"], cos.roll(h * w, 0), sin.roll(h * w, 0))
+    shifted = apply_rope(io["x"], Rope(cos.roll(h * w, 0), sin.roll(h * w, 0)))
     assert (shifted - io["output"]).abs().max() > 1e-2
 
 

@@ -9,8 +9,9 @@ import torch
 
 from conformance import assert_close, load_json, load_tensors
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler, cfg_combine, euler_step, flow_sigmas
-from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, StepVideoPipeline, TextEmbeddings,
-                                                VideoSize, cfg_prompts, denoise, initial_noise)
+from stepvideo.conditioning import TextEmbeddings
+from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, StepVideoPipeline, VideoSize,
+                                                cfg_prompts, denoise, initial_noise)
 from stepvideo.modules.model import StepVideoModel
 from stepvideo.weights import load_state_dict_strict
 

@@ -19,8 +19,10 @@ from safetensors.torch import save as st_save
 
 from conftest import ROOT, SERVER, free_port, running_service, start_service, stop_service
 from stepvideo.diffusion.video_pipeline import NEG_MAGIC, StepVideoPipeline
-from stepvideo.service.client import (LocalTextEncoder, LocalVAE, RemoteTextEncoder, RemoteVAE,
-                                      RetryPolicy, ServiceError, normalize_url)
+from stepvideo.service.client import (RemoteTextEncoder, RemoteVAE, RetryPolicy, ServiceError,
+                                      normalize_url)
+from stepvideo.text_encoder.local import LocalTextEncoder
+from stepvideo.vae.local import LocalVAE
 from stepvideo.service.protocol import (CONTENT_TYPE, MAX_LATENT_ELEMENTS, MAX_VAE_BATCH,
                                         CaptionRequest, VAERequest, VAEResponse,
                                         decode_message, encode_message)

@@ -135,7 +135,8 @@ def test_tokenizers_cover_the_corpus(tiny_dir):
 
 def test_tiny_video_end_to_end(tiny_dir):
     from stepvideo.diffusion.video_pipeline import NEG_MAGIC, POS_MAGIC, StepVideoPipeline
-    from stepvideo.service.client import LocalTextEncoder, LocalVAE
+    from stepvideo.text_encoder.local import LocalTextEncoder
+    from stepvideo.vae.local import LocalVAE
 
     start = time.monotonic()
     pipe = StepVideoPipeline.from_pretrained(tiny_dir)

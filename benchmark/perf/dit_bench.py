@@ -204,11 +204,11 @@ def block_case(args, device, dtype) -> dict:
     context = torch.randn(args.batch, args.text_len, d, device=device, dtype=dtype)  # (B, L, D)
     t_mod = torch.randn(args.batch, 6 * d, device=device, dtype=dtype) * 0.02
     kv_lens = torch.full((args.batch,), args.text_len, device=device)  # masked path, all valid
-    cos, sin = rope_tables(*grid, cfg.attention_head_dim, device=device)
+    rope = rope_tables(*grid, cfg.attention_head_dim, device=device)
     count = flops.block_flops(cfg, args.batch, args.tokens, args.text_len)
     shape = {"layers": 1, "dim": d, "batch": args.batch, "tokens": args.tokens,
              "grid": list(grid), "text_len": args.text_len}
-    result = run_case("block", lambda: block(x, context, t_mod, cos, sin, kv_lens, model.plan),
+    result = run_case("block", lambda: block(x, context, t_mod, rope, kv_lens, model.plan, args.tokens),
                       count, shape, args, device)
     return result
 

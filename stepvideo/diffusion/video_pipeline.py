@@ -1,17 +1,17 @@
 """Text -> latents -> video: sizes, seeded noise, the CFG denoising loop and the pipeline object.
 
-Text encoding and VAE decoding sit behind two small interfaces (``TextEncoderBackend``,
-``VAEBackend``) so the same loop runs against the HTTP service or in-process models.
+Text encoding and VAE decoding sit behind two small interfaces (``stepvideo.conditioning``), so the
+same loop runs against the HTTP service or in-process models.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable
 
 import torch
 
+from ..conditioning import TextEmbeddings, TextEncoderBackend, VAEBackend
 from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
 from .scheduler import FlowMatchDiscreteScheduler, cfg_combine, load_scheduler
 
@@ -61,35 +61,6 @@ class VideoSize:
         frames = max(self.num_frames // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK, 1)
         return (batch, frames, channels, self.height // SPATIAL_FACTOR,
                 self.width // SPATIAL_FACTOR)
-
-
-@dataclass
-class TextEmbeddings:
-    """Conditioning for a DiT batch: y (B, Ly, 6144), mask (B, Lc+Ly), clip (B, Lc, 1024)."""
-
-    y: torch.Tensor
-    mask: torch.Tensor
-    clip: torch.Tensor
-
-    def to(self, device=None, dtype=None) -> "TextEmbeddings":
-        return TextEmbeddings(self.y.to(device, dtype), self.mask.to(device), self.clip.to(device, dtype))
-
-    def select(self, index: slice | torch.Tensor) -> "TextEmbeddings":
-        return TextEmbeddings(self.y[index], self.mask[index], self.clip[index])
-
-    @staticmethod
-    def cat(parts: Iterable["TextEmbeddings"]) -> "TextEmbeddings":
-        parts = list(parts)
-        return TextEmbeddings(*(torch.cat([getattr(p, f.name) for p in parts])
-                                for f in dataclasses.fields(TextEmbeddings)))
-
-
-class TextEncoderBackend(Protocol):
-    def encode(self, prompts: list[str]) -> TextEmbeddings: ...
-
-
-class VAEBackend(Protocol):
-    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

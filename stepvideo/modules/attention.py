@@ -16,7 +16,7 @@ check has compared it with sdpa on hardware that has flash-attn installed.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +87,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               kv_lens: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Softmax attention with scale 1/sqrt(D); q (B,Sq,H,D), k/v (B,Sk,H,D) -> (B,Sq,H,D)."""
     return BACKENDS[backend or _resolve(q)](q, k, v, kv_lens)
+
+
+class SequencePlan(Protocol):
+    """How the DiT's tokens are split over ranks (see ``LocalPlan``)."""
+
+    world_size: int
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    def gather(self, x: torch.Tensor, dim: int, seq_len: int) -> torch.Tensor: ...
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       seq_len: int) -> torch.Tensor: ...
+
+
+class LocalPlan:
+    """The sequence plan of a single process: no sharding, plain attention.
+
+    What the DiT asks of a plan: ``shard(x, dim)`` after patchify (tokens and RoPE tables),
+    ``self_attention(q, k, v, seq_len)`` inside each block and ``gather(x, dim, seq_len)`` before
+    the final layer, where ``seq_len`` is the unsharded token count. Nothing else in the model knows
+    about ranks; the distributed plans live in ``stepvideo.parallel``.
+    """
+
+    world_size = 1
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x
+
+    def gather(self, x: torch.Tensor, dim: int, seq_len: int) -> torch.Tensor:
+        return x
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       seq_len: int) -> torch.Tensor:
+        return attention(q, k, v)

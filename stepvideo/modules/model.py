@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from ..fileio import write_json_atomic
-from ..parallel.plan import LocalPlan
 from ..weights import (CheckpointError, find_weight_files, load_safetensors, load_state_dict_strict,
                        read_json, save_sharded)
-from .attention import attention
+from .attention import LocalPlan, SequencePlan, attention
 from .layers import RMSNorm, modulate, timestep_sinusoid
-from .rope import ROPE_SPLIT, apply_rope, rope_tables
+from .rope import ROPE_SPLIT, Rope, apply_rope, rope_tables
 
 # Keys of the official transformer/config.json that do not change the computation here.
 IGNORED_CONFIG_KEYS = ("_class_name", "_diffusers_version", "attention_type", "norm_type",
@@ -134,13 +133,14 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=1e-6)
         self.k_norm = RMSNorm(head_dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, plan: SequencePlan, seq_len: int) -> torch.Tensor:
+        """x (B, S, D): this rank's S of the video's ``seq_len`` tokens."""
         b, s, _ = x.shape
         qkv = self.wqkv(x).view(b, s, -1, 3 * self.head_dim)  # per head [q_h | k_h | v_h]
         q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, S, H, d) each
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
-        out = plan.self_attention(q, k, v)  # (B, S, H, d)
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
+        out = plan.self_attention(q, k, v, seq_len)  # (B, S, H, d)
         return self.wo(out.reshape(b, s, -1))
 
 
@@ -194,10 +194,13 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, context, t_mod, cos, sin, kv_lens, plan):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: Rope,
+                kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int) -> torch.Tensor:
+        """x (B, S, D) this rank's tokens; context (B, L, D) text; t_mod (B, 6D) AdaLN-Single."""
         mods = self.scale_shift_table[None] + t_mod.view(x.shape[0], 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
-        x = x + gate_msa * self.attn1(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin, plan)
+        attn = self.attn1(modulate(self.norm1(x), shift_msa, scale_msa), rope, plan, seq_len)
+        x = x + gate_msa * attn
         x = x + self.attn2(x, context, kv_lens)
         x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -227,10 +230,6 @@ class StepVideoModel(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
         self.proj_out = nn.Linear(dim, cfg.patch_size ** 2 * cfg.out_channels)
         self.plan = LocalPlan()
-
-    @classmethod
-    def from_config(cls, cfg: DiTConfig) -> "StepVideoModel":
-        return cls(config=cfg)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -295,11 +294,12 @@ class StepVideoModel(nn.Module):
         t_mod, t_emb = self.adaln_single(timestep.reshape(-1).expand(b))  # (B, 6D), (B, D)
         context, kv_lens = self.text_context(encoder_hidden_states, encoder_hidden_states_2,
                                              encoder_attention_mask)
-        cos, sin = rope_tables(f, h, w, self.config.attention_head_dim, device=x.device)
-        x, cos, sin = self.plan.shard(x, 1), self.plan.shard(cos, 0), self.plan.shard(sin, 0)
+        seq_len = f * h * w
+        rope = rope_tables(f, h, w, self.config.attention_head_dim, device=x.device).shard(self.plan)
+        x = self.plan.shard(x, 1)  # (B, S, D): this rank's tokens
         for block in self.transformer_blocks:
-            x = block(x, context, t_mod, cos, sin, kv_lens, self.plan)
-        x = self.plan.gather(x, 1)  # (B, F*h*w, D)
+            x = block(x, context, t_mod, rope, kv_lens, self.plan, seq_len)
+        x = self.plan.gather(x, 1, seq_len)  # (B, F*h*w, D)
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, F*h*w, p*p*C)
         out = self.unpatchify(x, f, h, w)

@@ -7,14 +7,27 @@ the activation dtype, which in bf16 loses precision) and applied in float32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 ROPE_SPLIT = (64, 32, 32)
 
 
+class Rope(NamedTuple):
+    """cos and sin tables (S, head_dim) of the tokens a rank holds."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def shard(self, plan) -> "Rope":
+        """The rows of this rank's tokens: the sequence plan splits the tables as it splits x."""
+        return Rope(plan.shard(self.cos, 0), plan.shard(self.sin, 0))
+
+
 def rope_tables(frames: int, height: int, width: int, head_dim: int = 128,
                 split: tuple[int, int, int] = ROPE_SPLIT, base: float = 10000.0,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device | str | None = None) -> Rope:
     """cos and sin tables (F*H*W, head_dim), tokens in frame-major order."""
     if sum(split) != head_dim:
         raise ValueError(f"RoPE split {split} must sum to the head dim {head_dim}")
@@ -26,7 +39,7 @@ def rope_tables(frames: int, height: int, width: int, head_dim: int = 128,
         a = pos.reshape(-1, 1) * inv_freq  # (S, d/2)
         angles.append(torch.cat([a, a], dim=-1))  # (S, d)
     theta = torch.cat(angles, dim=-1)  # (S, head_dim)
-    return theta.cos(), theta.sin()
+    return Rope(theta.cos(), theta.sin())
 
 
 def _rotate_half(x: torch.Tensor, split: tuple[int, ...]) -> torch.Tensor:
@@ -37,9 +50,8 @@ def _rotate_half(x: torch.Tensor, split: tuple[int, ...]) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               split: tuple[int, int, int] = ROPE_SPLIT) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: Rope, split: tuple[int, int, int] = ROPE_SPLIT) -> torch.Tensor:
     """Rotate x (B, S, H, D) by tables (S, D); computed in float32, returned in x's dtype."""
     xf = x.float()
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = rope.cos[None, :, None, :], rope.sin[None, :, None, :]
     return (xf * cos + _rotate_half(xf, split) * sin).to(x.dtype)

@@ -12,7 +12,7 @@ import torch
 from typing import Callable
 
 from .config import ParallelConfig
-from .plan import LocalPlan
+from ..modules.attention import LocalPlan
 
 __all__ = ["ParallelConfig", "ParallelContext", "LocalPlan", "setup_parallel", "BACKENDS"]
 

@@ -69,8 +69,9 @@ class UlyssesPlan:
 
     Tokens are split evenly (zero-padded at the end when the count does not divide); padded keys
     are cut from self-attention and padded rows dropped by ``gather``, so padding changes nothing.
-    ``seq_len`` is the unpadded length of the last ``shard`` call: the model shards the tokens and
-    their RoPE tables, which have the same length, once per forward. Self-attention: all-to-all (B, S/U, H, d) -> (B, S, H/U, d) over the ulysses group;
+    The plan holds no per-call state: the model passes the unpadded token count ``seq_len`` to
+    ``self_attention`` and ``gather``. Self-attention: all-to-all (B, S/U, H, d) -> (B, S, H/U, d)
+    over the ulysses group;
     across the ring group the keys and values are all-gathered (exact, not memory-bounded: the
     xfuser backend provides the true ring kernel on GPUs).
     """
@@ -78,11 +79,9 @@ class UlyssesPlan:
     def __init__(self, groups: Groups):
         self.g = groups
         self.world_size = groups.cfg.sp_degree
-        self.seq_len: int | None = None
 
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         n, p = x.shape[dim], self.world_size
-        self.seq_len = n
         padded = -(-n // p) * p
         if padded != n:
             pad_shape = list(x.shape)
@@ -90,10 +89,10 @@ class UlyssesPlan:
             x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
         return x.chunk(p, dim=dim)[self.g.sp_rank].contiguous()
 
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, dim: int, seq_len: int) -> torch.Tensor:
         x = _all_gather(x, self.g.group("ulysses"), dim) if self.g.size("ulysses") > 1 else x
         x = _all_gather(x, self.g.group("ring"), dim) if self.g.size("ring") > 1 else x
-        return x.narrow(dim, 0, self.seq_len)
+        return x.narrow(dim, 0, seq_len)
 
     def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         u = self.g.size("ulysses")
@@ -109,7 +108,8 @@ class UlyssesPlan:
         x = _all_to_all(x, self.g.group("ulysses"))  # dim 0 now indexes the head chunk
         return x.permute(1, 2, 0, 3, 4).reshape(b, s // u, u * h, d)
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       seq_len: int) -> torch.Tensor:
         ulysses = self.g.size("ulysses") > 1
         if ulysses:
             q, k, v = (self._seq_to_heads(t) for t in (q, k, v))
@@ -118,7 +118,7 @@ class UlyssesPlan:
             v = _all_gather(v, self.g.group("ring"), 1)
         # Padded tokens sit at the end of the full sequence: drop them as keys (queries on padding
         # are computed and later discarded by gather).
-        out = attention(q, k[:, : self.seq_len], v[:, : self.seq_len])
+        out = attention(q, k[:, :seq_len], v[:, :seq_len])
         return self._heads_to_seq(out) if ulysses else out
 
 

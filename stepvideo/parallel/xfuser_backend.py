@@ -60,5 +60,6 @@ class XFuserPlan(UlyssesPlan):
                 "frames x height x width divide evenly, or use --parallel_backend torch")
         return super().shard(x, dim)
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       seq_len: int) -> torch.Tensor:
         return self.attn(q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=False)

@@ -1,8 +1,8 @@
-"""Text-encoder and VAE backends for the pipeline: remote (the HTTP service) or in-process.
+"""HTTP clients of the caption/VAE service: ``RemoteTextEncoder`` and ``RemoteVAE``.
 
-Both kinds implement the pipeline's interfaces (``encode(prompts) -> TextEmbeddings``,
-``decode(latents) -> video``) and the remote ones return exactly what the in-process ones compute,
-because the server *is* the in-process classes behind HTTP.
+They implement the pipeline's backend interfaces (``stepvideo.conditioning``) and return exactly
+what the in-process backends (``text_encoder.local.LocalTextEncoder``, ``vae.local.LocalVAE``)
+compute, because the server *is* those classes behind HTTP.
 
 URLs: ``normalize_url`` accepts ``host``, ``host:port`` or a full URL. A bare host (no scheme)
 gets port :data:`DEFAULT_PORT` (8080, the server's default); a URL with a scheme keeps that scheme's
@@ -22,9 +22,7 @@ Token: the ``token`` argument, else the ``STEPVIDEO_API_TOKEN`` environment vari
 
 from __future__ import annotations
 
-import collections
 import os
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -32,120 +30,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..diffusion.video_pipeline import TextEmbeddings
-from ..video_io import uint8_per_sample
+from ..conditioning import TextEmbeddings
 from .protocol import (CONTENT_TYPE, DEFAULT_PORT, MAX_LATENT_ELEMENTS, MAX_VAE_BATCH, TOKEN_ENV,
                        CaptionRequest, CaptionResponse, ProtocolError, VAERequest, VAEResponse)
 
 ENDPOINTS = ("/caption-api", "/vae-api", "/health", "/info")
 
-
-# --------------------------------------------------------------------------------------------
-# In-process backends (the server hosts these)
-# --------------------------------------------------------------------------------------------
-
-class LocalVAE:
-    """The Video-VAE in this process. ``decode`` returns (B, F, 3, H, W) in the VAE's dtype on the
-    CPU; ``decode_uint8`` post-processes chunk by chunk, so the float video is never whole."""
-
-    def __init__(self, vae):
-        self.vae = vae
-
-    @classmethod
-    def from_dir(cls, vae_dir: str, dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device = "cpu") -> "LocalVAE":
-        from ..vae.vae import AutoencoderKL
-
-        return cls(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, device=device))
-
-    @property
-    def z_channels(self) -> int:
-        return self.vae.config.z_channels
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents).cpu()
-
-    @torch.inference_mode()
-    def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
-        pieces = [uint8_per_sample(piece.cpu()) for piece in self.vae.iter_decode(latents)]
-        return torch.cat(pieces, dim=1)
-
-
-class LocalTextEncoder:
-    """Step-1 LLM + HunyuanCLIP in this process: ``encode(prompts) -> TextEmbeddings`` with
-    y (B, 320, llm_dim), mask (B, 77 + 320) (the 77 CLIP ones first) and clip (B, 77, clip_dim).
-
-    Each prompt is encoded on its own (batch 1), so a prompt's embedding never depends on the
-    other prompts of a request or on the cache. ``dtype`` is the output dtype (the release sends
-    bf16; CLIP itself runs in float32). ``cache_size`` > 0 keeps that many prompts' embeddings
-    (bounded LRU keyed by text and both max lengths): the negative prompt repeats on every call.
-    """
-
-    def __init__(self, llm, clip, dtype: torch.dtype | None = None, cache_size: int = 0):
-        self.llm, self.clip, self.dtype = llm, clip, dtype
-        self.cache_size = cache_size
-        self._cache: collections.OrderedDict[tuple, TextEmbeddings] = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    @classmethod
-    def from_dirs(cls, llm_dir: str, clip_dir: str, dtype: torch.dtype = torch.bfloat16,
-                  device: str | torch.device = "cpu", cache_size: int = 0,
-                  llm_max_length: int = 320, clip_max_length: int = 77) -> "LocalTextEncoder":
-        from ..text_encoder.clip import HunyuanClip
-        from ..text_encoder.stepllm import STEP1TextEncoder
-
-        llm = STEP1TextEncoder(llm_dir, max_length=llm_max_length, dtype=dtype, device=device)
-        clip = HunyuanClip(clip_dir, max_length=clip_max_length, dtype=torch.float32, device=device)
-        return cls(llm, clip, dtype=dtype, cache_size=cache_size)
-
-    @property
-    def max_lengths(self) -> tuple[int, int]:
-        return self.llm.max_length, self.clip.max_length
-
-    def encode(self, prompts: list[str]) -> TextEmbeddings:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("encode needs at least one prompt")
-        return TextEmbeddings.cat(self._encode_cached(p) for p in prompts)
-
-    def _encode_cached(self, prompt: str) -> TextEmbeddings:
-        key = (prompt, *self.max_lengths)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                return hit
-            self.misses += 1
-        out = self._encode_one(prompt)
-        if self.cache_size > 0:
-            with self._lock:
-                self._cache[key] = out
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return out
-
-    @torch.inference_mode()
-    def _encode_one(self, prompt: str) -> TextEmbeddings:
-        y, y_mask = self.llm([prompt])            # (1, Ly, D), (1, Ly)
-        clip, _ = self.clip([prompt])             # (1, Lc, C)
-        y_mask = y_mask.cpu()
-        mask = torch.cat([torch.ones(1, clip.shape[1], dtype=y_mask.dtype), y_mask], dim=1)
-        dtype = self.dtype or y.dtype
-        return TextEmbeddings(y.cpu().to(dtype), mask, clip.cpu().to(dtype))
-
-    def cache_info(self) -> dict[str, int]:
-        with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "size": len(self._cache),
-                    "capacity": self.cache_size}
-
-
-# --------------------------------------------------------------------------------------------
-# Remote backends
-# --------------------------------------------------------------------------------------------
 
 def normalize_url(url: str, default_port: int = DEFAULT_PORT) -> str:
     """``host``, ``host:port`` or ``scheme://host[:port][/prefix]`` ->

@@ -468,7 +468,8 @@ class ServerOptions:
 def build_service(opts: ServerOptions) -> tuple[Any, ServiceModels, Callable[[], threading.Thread]]:
     """Check the configuration and the model files; return (app, models, start_loading)."""
     from ..download import SERVICE_PARTS, check_model_dir
-    from .client import LocalTextEncoder, LocalVAE
+    from ..text_encoder.local import LocalTextEncoder
+    from ..vae.local import LocalVAE
 
     token = opts.resolved_token()
     check_bind(opts.host, token)

@@ -1,0 +1,84 @@
+"""Step-1 + HunyuanCLIP as an in-process text-encoder backend (the caption/VAE service hosts the
+same class)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+from ..conditioning import TextEmbeddings
+
+
+class LocalTextEncoder:
+    """Step-1 LLM + HunyuanCLIP in this process: ``encode(prompts) -> TextEmbeddings`` with
+    y (B, 320, llm_dim), mask (B, 77 + 320) (the 77 CLIP ones first) and clip (B, 77, clip_dim).
+
+    Each prompt is encoded on its own (batch 1), so a prompt's embedding never depends on the
+    other prompts of a request or on the cache. ``dtype`` is the output dtype (the release sends
+    bf16; CLIP itself runs in float32). ``cache_size`` > 0 keeps that many prompts' embeddings
+    (bounded LRU keyed by text and both max lengths): the negative prompt repeats on every call.
+    """
+
+    def __init__(self, llm, clip, dtype: torch.dtype | None = None, cache_size: int = 0):
+        self.llm, self.clip, self.dtype = llm, clip, dtype
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[tuple, TextEmbeddings] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @classmethod
+    def from_dirs(cls, llm_dir: str, clip_dir: str, dtype: torch.dtype = torch.bfloat16,
+                  device: str | torch.device = "cpu", cache_size: int = 0,
+                  llm_max_length: int = 320, clip_max_length: int = 77) -> "LocalTextEncoder":
+        from .clip import HunyuanClip
+        from .stepllm import STEP1TextEncoder
+
+        llm = STEP1TextEncoder(llm_dir, max_length=llm_max_length, dtype=dtype, device=device)
+        clip = HunyuanClip(clip_dir, max_length=clip_max_length, dtype=torch.float32, device=device)
+        return cls(llm, clip, dtype=dtype, cache_size=cache_size)
+
+    @property
+    def max_lengths(self) -> tuple[int, int]:
+        return self.llm.max_length, self.clip.max_length
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        return TextEmbeddings.cat(self._encode_cached(p) for p in prompts)
+
+    def _encode_cached(self, prompt: str) -> TextEmbeddings:
+        key = (prompt, *self.max_lengths)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        out = self._encode_one(prompt)
+        if self.cache_size > 0:
+            with self._lock:
+                self._cache[key] = out
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    @torch.inference_mode()
+    def _encode_one(self, prompt: str) -> TextEmbeddings:
+        y, y_mask = self.llm([prompt])            # (1, Ly, D), (1, Ly)
+        clip, _ = self.clip([prompt])             # (1, Lc, C)
+        y_mask = y_mask.cpu()
+        mask = torch.cat([torch.ones(1, clip.shape[1], dtype=y_mask.dtype), y_mask], dim=1)
+        dtype = self.dtype or y.dtype
+        return TextEmbeddings(y.cpu().to(dtype), mask, clip.cpu().to(dtype))
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "size": len(self._cache),
+                    "capacity": self.cache_size}
+
+
