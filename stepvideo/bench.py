@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from .fileio import write_json_atomic
+from .parallel import LaunchEnv
 from .runner import (GenerationRequest, PreflightError, build_parser, output_stem,
                      request_from_namespace)
 from .service.client import ServiceError
@@ -242,20 +243,18 @@ class BenchmarkRun:
 
     def run_job(self, job: PromptJob, position: str) -> None:
         t0 = time.perf_counter()
-        text, refusal, text_s = None, None, 0.0
+        text, refusal = None, None
         if self.is_main:  # encode first, so a caption failure is known before the ranks commit
             try:
                 text = self.gen.encode_text(job.request)
             except ServiceError as e:
                 refusal = f"text encoding failed: {e}"
-            text_s = time.perf_counter() - t0
         refused = self.gen.ctx.broadcast_ints([int(refusal is not None)] if self.is_main else None,
                                               self.gen.device)[0]
         if refused:
             return self._failed(job, refusal, position)
         try:
-            record = self.gen.generate(job.request, progress=self.is_main, text=text,
-                                       text_seconds=text_s)
+            record = self.gen.generate(job.request, progress=self.is_main, text=text)
         except (ServiceError, OSError, ValueError) as e:
             if not self.is_main:
                 raise
@@ -314,13 +313,14 @@ def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = N
     from .runner import VideoGenerator
 
     opts, base = parse_benchmark_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    env = LaunchEnv.from_environ()
+    rank = env.rank
     started, started_at = time.perf_counter(), now_iso()
     try:
         files, entries = select_entries(opts)  # every rank reads the suite; rank 0 plans
         if rank == 0:
             log(describe_selection(files, entries))
-        gen = VideoGenerator(base)
+        gen = VideoGenerator(base, env)
     except (PreflightError, SuiteError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -334,11 +334,17 @@ def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = N
             f"{os.path.abspath(base.save_path)}")
     wanted = set(gen.ctx.broadcast_ints(todo, gen.device))
     todo = [job for job in jobs if job.entry.index in wanted]
-    for i, job in enumerate(todo, start=1):
-        run.run_job(job, f"[{i}/{len(todo)}]")
+    try:
+        for i, job in enumerate(todo, start=1):
+            run.run_job(job, f"[{i}/{len(todo)}]")
+    except KeyboardInterrupt:
+        if run.is_main:
+            print(f"\ninterrupted after {run.counts['generated']} new video(s); finished outputs "
+                  "are kept and a rerun resumes", file=sys.stderr)
+        return 130
     if run.is_main:
         finish(run, files, entries, started, started_at)
-    close_parallel(gen)
+    gen.close()
     if run.is_main and opts.gallery and gallery is not None:
         log(f"gallery {gallery(base.save_path)}")
     return 0
@@ -353,10 +359,3 @@ def finish(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry], sta
         f"{run.counts['failed']} failed in {summary['run']['wall_s']:.1f} s")
     log(f"summary {path}; manifest {os.path.join(run.base.save_path, MANIFEST)}")
 
-
-def close_parallel(gen) -> None:
-    if gen.ctx.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()

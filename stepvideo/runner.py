@@ -1,12 +1,15 @@
 """The torchrun job: flags -> ``GenerationRequest`` -> checks -> denoise on every rank -> decode and
-write on rank 0. ``run_parallel.py`` is a thin entry over ``main``; the benchmark reuses
-``VideoGenerator`` to run many prompts with one loaded model.
+write on rank 0. ``run_parallel.py`` and ``python -m stepvideo.runner`` are thin entries over
+``main``; the prompt-suite runner reuses ``VideoGenerator`` to run many prompts with one loaded
+model. The flow itself is the pipeline's (``StepVideoPipeline`` stages); this module adds ranks,
+broadcasts, checks and output files around it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import os
 import re
@@ -17,11 +20,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
+from .conditioning import TextEmbeddings
+from .devices import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
 from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, StepVideoPipeline,
-                                       TextEmbeddings, VideoSize, cfg_prompts, guided_velocity)
+                                       VideoSize)
 from .fileio import write_json_atomic
-from .parallel import ParallelConfig, ParallelContext, setup_parallel
+from .parallel import LaunchEnv, ParallelConfig, setup_parallel
 from .weights import CheckpointError, read_json
 
 
@@ -95,7 +100,7 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (about 30 s once; on an H200 a 30B step is 9%% "
                         "faster and peaks 11%% lower)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="DiT weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
     g = p.add_argument_group("sampling")
     if require_prompt:
@@ -130,7 +135,7 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
     return GenerationRequest(
         model_dir=a.model_dir, transformer_dir=a.transformer_dir, prompt=getattr(a, "prompt", ""),
         vae_url=a.vae_url, caption_url=a.caption_url,
-        infer_steps=a.infer_steps or preset.num_inference_steps,
+        infer_steps=preset.num_inference_steps if a.infer_steps is None else a.infer_steps,
         cfg_scale=preset.guidance_scale if a.cfg_scale is None else a.cfg_scale,
         time_shift=preset.time_shift if a.time_shift is None else a.time_shift,
         num_frames=a.num_frames, height=a.height, width=a.width, seed=a.seed,
@@ -144,38 +149,29 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
 
 # --- checks before expensive work -----------------------------------------------------------------
 
-def resolve_device(name: str, world_size: int = 1) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PreflightError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    if name.startswith("cuda:") and world_size > 1:
-        raise PreflightError(f"--device {name} would put all {world_size} ranks on one GPU; pass "
-                             "--device cuda (each rank takes its LOCAL_RANK) and choose GPUs with "
-                             "CUDA_VISIBLE_DEVICES")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def transformer_dir(req: GenerationRequest) -> str:
     root = req.transformer_dir or req.model_dir
     sub = os.path.join(root, "transformer")
     return sub if os.path.isdir(sub) else root
 
 
-def check_request(req: GenerationRequest, world_size: int):
-    """Degrees and the checkpoint directory (the same on every rank); returns the DiTConfig."""
+def check_request(req: GenerationRequest):
+    """Sampling values and the checkpoint directory (the same answer on every rank); returns the
+    DiTConfig and notes for the user (rounding, unusual values). The degrees are checked once, by
+    ``setup_parallel``."""
     from .modules.model import DiTConfig, check_checkpoint_dir
 
     if req.infer_steps < 1:
         raise PreflightError(f"--infer_steps must be >= 1, got {req.infer_steps}")
+    if req.time_shift <= 0:
+        raise PreflightError(f"--time_shift must be > 0, got {req.time_shift}")
+    try:
+        _, notes = VideoSize.checked(req.num_frames, req.height, req.width)
+    except ValueError as e:
+        raise PreflightError(str(e)) from e
+    if req.cfg_scale < 0:
+        notes.append(f"--cfg_scale {req.cfg_scale} is negative: guidance pushes away from the "
+                     "prompt (the release uses 9.0, Turbo 5.0)")
     if not os.path.isdir(req.model_dir):
         raise PreflightError(f"--model_dir {req.model_dir} does not exist; download the weights with "
                              "`python -m stepvideo.download DIR` or write the tiny model with "
@@ -184,10 +180,9 @@ def check_request(req: GenerationRequest, world_size: int):
     try:
         check_checkpoint_dir(tdir)
         cfg = DiTConfig.from_dict(read_json(os.path.join(tdir, "config.json"), "DiT config"))
-        req.parallel.validate(world_size, cfg.num_attention_heads)
     except (CheckpointError, ValueError, TypeError) as e:
         raise PreflightError(str(e)) from e
-    return cfg
+    return cfg, notes
 
 
 def check_writable(directory: str) -> None:
@@ -227,44 +222,35 @@ def output_stem(req: GenerationRequest) -> str:
     return os.path.join(req.save_path, f"{slug}-{digest}-seed{req.seed}{req.name_suffix}")
 
 
-def broadcast_text(text: TextEmbeddings | None, ctx: ParallelContext, device, dtype) -> TextEmbeddings:
-    """Rank 0's embeddings on every rank (shapes first, then the tensors; no pickling)."""
-    if ctx.world_size == 1:
-        return text.to(device, dtype)
-    shapes = [*text.y.shape, *text.clip.shape[1:]] if ctx.is_main else None
-    n, ly, dy, lc, dc = ctx.broadcast_ints(shapes, device)
-    if not ctx.is_main:
-        text = TextEmbeddings(torch.empty(n, ly, dy), torch.empty(n, lc + ly), torch.empty(n, lc, dc))
-    parts = [ctx.broadcast_tensor(t.float(), device) for t in (text.y, text.mask, text.clip)]
-    return TextEmbeddings(*parts).to(device, dtype)
-
-
 class VideoGenerator:
     """One loaded DiT on this rank, generating videos for requests that share the model flags."""
 
-    def __init__(self, req: GenerationRequest):
-        from .modules.attention import set_backend
+    def __init__(self, req: GenerationRequest, env: LaunchEnv | None = None):
+        from .modules.attention import probe_kernel, set_backend
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.cfg = check_request(req, world)  # the same answer on every rank
-        self.device = resolve_device(req.device, world)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.dtype = resolve_dtype(req.dtype, self.device)
-        set_backend(req.attn_backend)
-        self.ctx = setup_parallel(req.parallel, self.cfg.num_attention_heads, req.parallel_backend,
-                                  self.device)
+        env = env or LaunchEnv.from_environ()
+        self.cfg, notes = check_request(req)  # the same answer on every rank
+        try:
+            self.device = resolve_device(req.device, env.local_rank, env.world_size)
+            self.dtype = resolve_dtype(req.dtype, self.device)
+            set_backend(req.attn_backend)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            self.ctx = setup_parallel(req.parallel, self.cfg.num_attention_heads,
+                                      req.parallel_backend, self.device, env)
+            self.attn_backend = probe_kernel(self.device, self.dtype,
+                                             head_dim=self.cfg.attention_head_dim)
+        except (ValueError, RuntimeError) as e:
+            raise PreflightError(str(e)) from e
+        if self.ctx.is_main:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
         self._rank0_checks(req)
         t0 = time.perf_counter()
         self.pipe = StepVideoPipeline(self._load(req), load_scheduler(req.model_dir))
         self.load_seconds = time.perf_counter() - t0
-        self.text_encoder = self.vae = None
         if self.ctx.is_main:
-            from .service.client import RemoteTextEncoder, RemoteVAE
-
-            self.text_encoder = RemoteTextEncoder(req.caption_url)
-            self.vae = RemoteVAE(req.vae_url)
+            self.pipe.setup_api(req.vae_url, req.caption_url)
 
     def _rank0_checks(self, req: GenerationRequest) -> None:
         """Output directory and services, checked by rank 0 once the groups exist; every rank
@@ -296,101 +282,70 @@ class VideoGenerator:
         return model
 
     def encode_text(self, req: GenerationRequest) -> TextEmbeddings:
-        """Rank 0: [prompt + pos_magic, neg_magic] through the caption service."""
-        return self.text_encoder.encode(cfg_prompts([req.prompt], req.pos_magic, req.neg_magic))
+        """Rank 0: [prompt + pos_magic, neg_magic] through the pipeline's text encoder."""
+        self.pipe.times = {}
+        return self.pipe.encode_prompt([req.prompt], req.pos_magic, req.neg_magic)
 
     @torch.inference_mode()
     def generate(self, req: GenerationRequest, progress: bool = True,
-                 text: TextEmbeddings | None = None, text_seconds: float = 0.0) -> dict | None:
+                 text: TextEmbeddings | None = None) -> dict | None:
         """Run one request; rank 0 returns the record written to the sidecar, other ranks None.
 
-        ``text`` (rank 0) skips the caption call when the caller encoded already, taking
-        ``text_seconds``; every rank must call this for the same request.
+        ``text`` (rank 0) skips the caption call when the caller encoded already with
+        ``encode_text`` (whose time the pipeline kept); every rank calls this for the same request.
         """
-        times: dict[str, float] = {"load_transformer": self.load_seconds}
-        t0 = time.perf_counter()
-        if self.ctx.is_main and text is None:
+        pipe = self.pipe
+        if text is None and self.ctx.is_main:
             text = self.encode_text(req)
-        text = broadcast_text(text, self.ctx, self.device, self.dtype)
-        times["text_encode"] = time.perf_counter() - t0 + text_seconds
-        step_times, bar = [], self._progress(req.infer_steps, progress)
-        last = [time.perf_counter()]
-
-        def on_step(i, _x):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            step_times.append(now - last[0])
-            last[0] = now
-            if bar is not None:
-                bar.set_postfix_str(f"{step_times[-1]:.2f} s/step")
-                bar.update(1)
-
-        t0 = time.perf_counter()
-        x = self.pipe.sample(text, req.size, req.infer_steps, req.cfg_scale, req.time_shift,
-                             seed=req.seed, velocity=self.ctx.velocity or guided_velocity,
-                             on_step=on_step)
-        times["denoise"] = time.perf_counter() - t0
-        times["denoise_step_mean"] = sum(step_times) / len(step_times)
-        if bar is not None:
-            bar.close()
+        text = self.ctx.broadcast_text(text, self.device, self.dtype)
+        x = pipe.sample(text, req.size, req.infer_steps, req.cfg_scale, req.time_shift,
+                        seed=req.seed, cfg=self.ctx.cfg, progress=progress and self.ctx.is_main)
         if not self.ctx.is_main:
             return None
-        return self._write(req, x, times)
-
-    def _progress(self, total: int, enabled: bool):
-        if not (enabled and self.ctx.is_main):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
-
-    def _write(self, req: GenerationRequest, x: torch.Tensor, times: dict) -> dict:
-        from .video_io import contact_sheet, save_video, stack_batch
-
         stem = output_stem(req)
-        t0 = time.perf_counter()
-        frames = stack_batch(self._decode(x.float().cpu(), stem))  # (F, H, W, 3), uint8 on the wire
-        times["vae_decode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        paths = {"video": save_video(frames, stem + ".mp4", denoise=req.denoise_filter,
-                                     crop=req.crop_540p)}
-        if req.contact_sheet:
-            paths["contact_sheet"] = contact_sheet(frames, stem + ".png")
-        times["write"] = time.perf_counter() - t0
-        record = sidecar(req, self.ctx, times, paths, frames.shape)
+        frames = self._decode(x, stem)
+        paths = pipe.write(frames, stem, req.denoise_filter, req.crop_540p, req.contact_sheet)
+        times = {"load_transformer": self.load_seconds, **pipe.times}
+        record = sidecar(req, self, times, paths, frames.shape[1:4])
         paths["sidecar"] = write_json_atomic(stem + ".json", record)
         record["outputs"] = paths
         return record
 
-
-    def _decode(self, latents: torch.Tensor, stem: str):
-        """Decode through the VAE service; if that fails, keep the denoised latents on disk so the
+    def _decode(self, latents: torch.Tensor, stem: str) -> torch.Tensor:
+        """Decode through the VAE backend; if that fails, keep the denoised latents on disk so the
         expensive part is not lost, and say where they are."""
         from .service.client import ServiceError
 
         try:
-            return self.vae.decode_uint8(latents)
+            return self.pipe.decode_uint8(latents)
         except ServiceError as e:
             from safetensors.torch import save_file
 
             path = stem + ".latents.safetensors"
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            save_file({"latents": latents.contiguous()}, path)
+            save_file({"latents": latents.float().cpu().contiguous()}, path)
             raise ServiceError(e.service, e.url, f"{e.server_message}; the denoised latents are saved "
                                f"in {path} (decode them later with RemoteVAE(url).decode_uint8)",
                                e.status) from e
 
+    def close(self) -> None:
+        self.ctx.close()
 
-def sidecar(req: GenerationRequest, ctx: ParallelContext, times: dict, paths: dict, frame_shape) -> dict:
+
+def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dict,
+            frame_shape) -> dict:
+    """The JSON written next to the video: what was asked, what actually ran, and how long."""
     settings = dataclasses.asdict(req)
     settings.pop("parallel")
     return {
         "prompt": req.prompt, "pos_magic": req.pos_magic, "neg_magic": req.neg_magic, "seed": req.seed,
         "settings": settings,
-        "degrees": {**dataclasses.asdict(req.parallel), "world_size": ctx.world_size},
+        "resolved": {"device": str(gen.device), "dtype": dtype_name(gen.dtype),
+                     "attn_backend": gen.attn_backend},
+        "degrees": {**dataclasses.asdict(req.parallel), "world_size": gen.ctx.world_size},
         "frames": int(frame_shape[0]), "height": int(frame_shape[1]), "width": int(frame_shape[2]),
         "times_s": {k: round(v, 4) for k, v in times.items()},
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "stepvideo_version": __version__, "torch_version": torch.__version__,
         "model_dir": os.path.abspath(req.model_dir),
         "outputs": {k: os.path.abspath(v) for k, v in paths.items()},
@@ -398,32 +353,35 @@ def sidecar(req: GenerationRequest, ctx: ParallelContext, times: dict, paths: di
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a problem found before the expensive work, 3 the service failed
+    afterwards, 130 interrupted (Ctrl-C). Under torchrun, the launcher's own exit code wraps these."""
     from .service.client import ServiceError
 
     req = request_from_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    env = LaunchEnv.from_environ()
+    gen = None
     try:
         if not req.prompt.strip():
             raise PreflightError("--prompt is empty; say what the video should show")
-        gen = VideoGenerator(req)
+        gen = VideoGenerator(req, env)
         record = gen.generate(req)
     except PreflightError as e:
-        if rank == 0:
+        if env.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except ServiceError as e:  # rank 0 only: the service failed after the checks
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        if env.rank == 0:
+            print("\ninterrupted: no video written", file=sys.stderr)
+        return 130
     if record is not None:
         out = {k: os.path.abspath(v) for k, v in record["outputs"].items()}
         print(f"wrote {out['video']} ({record['frames']} frames, {record['width']}x{record['height']}), "
               f"sidecar {out['sidecar']}" + (f", contact sheet {out['contact_sheet']}"
                                              if "contact_sheet" in out else ""))
-    if gen.ctx.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    gen.close()
     return 0
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.conditioning import TextEmbeddings
-from stepvideo.diffusion.video_pipeline import denoise, guided_velocity, initial_noise
+from stepvideo.diffusion.video_pipeline import denoise, initial_noise
 from stepvideo.modules.model import StepVideoModel
 from stepvideo.parallel import ParallelConfig, setup_parallel
 
@@ -55,14 +55,10 @@ def main():
     sched = FlowMatchDiscreteScheduler()
     sched.set_timesteps(a.steps, 13.0)
     with torch.inference_mode():
-        out = denoise(model, latents, text, sched, 9.0, velocity=ctx.velocity or guided_velocity)
+        out = denoise(model, latents, text, sched, 9.0, cfg=ctx.cfg)
     if ctx.is_main:
         save_file({"latents": out.contiguous()}, a.out)
-    if ctx.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    ctx.close()
 
 
 if __name__ == "__main__":

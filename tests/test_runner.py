@@ -136,3 +136,57 @@ def test_vae_failure_keeps_the_latents(model_dir, tmp_path):
     latents = load_file(saved)["latents"]
     assert latents.shape[:2] == (1, 3) and torch.isfinite(latents).all()
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_sampling_values_checked_before_loading(model_dir, tmp_path):
+    """Values the release would quietly change or only fail on after denoising: refused up front
+    with one line, or run with a note saying what was changed."""
+    from stepvideo.runner import check_request
+
+    base = ["--model_dir", model_dir, "--vae_url", "127.0.0.1:9", "--caption_url", "127.0.0.1:9",
+            "--prompt", "x", "--save_path", str(tmp_path / "o")]
+    _one_line_error(run_cli([*base, "--infer_steps", "0"]), r"--infer_steps must be >= 1, got 0")
+    _one_line_error(run_cli([*base, "--num_frames", "5"]), r"--num_frames 5 is below 17")
+    _one_line_error(run_cli([*base, "--height", "10"]), r"--height 10 is below 16 pixels")
+    _, notes = check_request(request_from_args([*base, "--height", "70", "--num_frames", "40",
+                                                "--cfg_scale", "-1"]))
+    assert "--height 70 rounded down to 64 (a multiple of 16)" in notes
+    assert "--num_frames 40 rounded down to 34 (a multiple of 17)" in notes
+    assert any(n.startswith("--cfg_scale -1.0 is negative") for n in notes)
+    _, notes = check_request(request_from_args([*base, "--height", "64", "--num_frames", "17"]))
+    assert not any("--height" in n or "--num_frames" in n for n in notes)
+
+
+def test_sidecar_records_what_ran(service, model_dir, tmp_path):
+    _video(service, model_dir, tmp_path, 3, extra=("--dtype", "fp32"))
+    record = json.loads(next(tmp_path.glob("*seed3*.json")).read_text())
+    assert record["settings"]["dtype"] == "fp32"
+    assert record["resolved"]["device"] == "cpu" and record["resolved"]["dtype"] == "float32"
+    assert record["resolved"]["attn_backend"].startswith("sdpa:")
+    assert record["created_utc"].endswith("+00:00")
+
+
+def test_ctrl_c_prints_one_line(service, model_dir, tmp_path):
+    """SIGINT while denoising: exit 130, one line, no traceback, no video."""
+    import signal
+    import time
+
+    args = ["--model_dir", model_dir, "--vae_url", service, "--caption_url", service, "--prompt",
+            "a slow river", "--num_frames", "17", "--height", "128", "--width", "128",
+            "--infer_steps", "500", "--save_path", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_parallel.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "denoising" not in seen and time.monotonic() < deadline:  # the bar is on stderr
+        chunk = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(1)
+        seen += chunk.decode() if isinstance(chunk, bytes) else chunk
+    assert "denoising" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    err = seen + err
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "denoising" not in l]
+    assert lines == ["interrupted: no video written"], lines
+    assert not list(tmp_path.glob("*.mp4"))

@@ -90,12 +90,9 @@ def peak_memory_gb(device: torch.device) -> tuple[str, float]:
 
 
 def resolved_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """What the attention seam's current choice means for these inputs."""
-    chosen = attention.get_backend()
-    if chosen != "auto":
-        return chosen
-    half = dtype in (torch.float16, torch.bfloat16)
-    return "flash" if device.type == "cuda" and half and attention.flash_available() else "sdpa"
+    """The kernel the attention seam runs for this device and dtype (head dim 128), as PyTorch's
+    dispatcher reports it."""
+    return attention.probe_kernel(device, dtype)
 
 
 # --- model building -------------------------------------------------------------------------

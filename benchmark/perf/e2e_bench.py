@@ -40,15 +40,14 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT)]  # the repo, if the package is not installed
 SERVER = ROOT / "api" / "call_remote_server.py"
 
-from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler  # noqa: E402
+from stepvideo.devices import DTYPE_CHOICES, dtype_name, resolve_dtype  # noqa: E402
 from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, PRESETS,  # noqa: E402
-                                                VideoSize, cfg_prompts, denoise, initial_noise)
-from stepvideo.service.client import RemoteTextEncoder, RemoteVAE, ServiceError  # noqa: E402
+                                                StepVideoPipeline, VideoSize)
+from stepvideo.service.client import RemoteTextEncoder, ServiceError  # noqa: E402
 from stepvideo.text_encoder.local import LocalTextEncoder  # noqa: E402
 from stepvideo.vae.local import LocalVAE  # noqa: E402
 
 DEFAULT_PROMPT = "A red fox trots across a snowy field at sunrise / 一只红狐狸在日出时穿过雪原"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (key, label, kind) in table/chart order; kind picks the bar colour.
 STAGES = [
     ("caption_service", "caption: service round trip", "service"),
@@ -159,14 +158,14 @@ def device_name(device: torch.device) -> str:
 
 
 def run_stages(args, model_dir: str, service: Service, work: Path, setup: dict) -> dict:
-    """Load the DiT and the in-process encoders/VAE, then time every stage."""
+    """Load the DiT and the in-process encoders/VAE, then time every stage of the pipeline: one
+    pipeline over the service and one in-process, sharing the DiT."""
+    from stepvideo.diffusion.scheduler import load_scheduler
     from stepvideo.modules.model import StepVideoModel
-    from stepvideo.video_io import contact_sheet, save_video, stack_batch
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
-    service_dtype = DTYPES[args.service_dtype]
+    dtype = resolve_dtype(args.dtype, device)
+    service_dtype = resolve_dtype(args.service_dtype)
     root = Path(model_dir)
     setup["load_transformer"], model = timed_once(
         lambda: StepVideoModel.from_pretrained(model_dir, dtype, device))
@@ -174,47 +173,37 @@ def run_stages(args, model_dir: str, service: Service, work: Path, setup: dict) 
         str(root / "step_llm"), str(root / "hunyuan_clip"), service_dtype, "cpu", cache_size=0))
     setup["load_local_vae"], local_vae = timed_once(
         lambda: LocalVAE.from_dir(str(root / "vae"), service_dtype, "cpu"))
-    remote_text, remote_vae = RemoteTextEncoder(service.url), RemoteVAE(service.url)
+    remote = StepVideoPipeline(model, load_scheduler(model_dir)).setup_api(service.url, service.url)
+    local = StepVideoPipeline(model, load_scheduler(model_dir), local_text, local_vae)
 
-    prompts = cfg_prompts([args.prompt], args.pos_magic, args.neg_magic)
     size = VideoSize.rounded(args.num_frames, args.height, args.width)
     preset = PRESETS["base"]
     w, r = args.warmup, args.repeats
     stages, outputs = {}, {}
 
-    times, text = time_stage(lambda: remote_text.encode(prompts), w, r)
+    def encode(pipe):
+        return pipe.encode_prompt([args.prompt], args.pos_magic, args.neg_magic)
+
+    times, text = time_stage(lambda: encode(remote), w, r)
     stages["caption_service"] = summary(times)
-    stages["caption_local"] = summary(time_stage(lambda: local_text.encode(prompts), w, r)[0])
+    stages["caption_local"] = summary(time_stage(lambda: encode(local), w, r)[0])
 
-    text_dev = text.to(device, dtype)
-    latents = initial_noise(size.latent_shape(1, model.config.in_channels), args.seed,
-                            dtype).to(device)
-
-    @torch.inference_mode()
     def run_denoise():
-        sched = FlowMatchDiscreteScheduler()
-        sched.set_timesteps(args.infer_steps, preset.time_shift, device=device)
-        return denoise(model, latents, text_dev, sched, preset.guidance_scale)
+        return remote.sample(text, size, args.infer_steps, preset.guidance_scale,
+                             preset.time_shift, seed=args.seed, progress=False)
 
     times, x = time_stage(run_denoise, w, r, device)
     stages["denoise"] = summary(times)
     stages["denoise"]["step_mean_s"] = stages["denoise"]["median_s"] / args.infer_steps
-    x = x.float().cpu()
 
-    times, video = time_stage(lambda: remote_vae.decode_uint8(x), w, r)
+    times, video = time_stage(lambda: remote.decode_uint8(x), w, r)
     stages["vae_service"] = summary(times)
-    stages["vae_local"] = summary(time_stage(lambda: local_vae.decode_uint8(x), w, r)[0])
+    stages["vae_local"] = summary(time_stage(lambda: local.decode_uint8(x), w, r)[0])
 
-    frames = stack_batch(video)
-    stem = work / "video"
-
-    def write():
-        return (save_video(frames, str(stem) + ".mp4", denoise=True, crop=True),
-                contact_sheet(frames, str(stem) + ".png"))
-
-    stages["write"] = summary(time_stage(write, w, r)[0])
-    outputs.update(frames=int(frames.shape[0]), height=int(frames.shape[1]),
-                   width=int(frames.shape[2]), dit_dtype=str(dtype).replace("torch.", ""))
+    stem = str(work / "video")
+    stages["write"] = summary(time_stage(lambda: remote.write(video, stem), w, r)[0])
+    outputs.update(frames=int(video.shape[1]), height=int(video.shape[2]),
+                   width=int(video.shape[3]), dit_dtype=dtype_name(dtype))
     return {"stages": stages, "video": outputs}
 
 
@@ -306,10 +295,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_dir", default="", help="a model dir (default: write the tiny model "
                                                    "to a temp dir)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the DiT's device")
-    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="the DiT's dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--service_device", default="cpu", help="the service's --device")
-    p.add_argument("--service_dtype", default="bfloat16", choices=sorted(DTYPES),
+    p.add_argument("--service_dtype", default="bfloat16", choices=DTYPE_CHOICES[1:],
                    help="the service's --dtype, also used by the in-process encoders/VAE")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--pos_magic", default=POS_MAGIC)

@@ -1,13 +1,18 @@
 """Text -> latents -> video: sizes, seeded noise, the CFG denoising loop and the pipeline object.
 
-Text encoding and VAE decoding sit behind two small interfaces (``stepvideo.conditioning``), so the
-same loop runs against the HTTP service or in-process models.
+The pipeline owns the flow (encode -> noise -> denoise -> decode -> write) and times its own
+stages; the torchrun runner adds ranks, broadcasts and output files around the same methods, and
+the benchmarks time them. Text encoding and VAE decoding sit behind two small interfaces
+(``stepvideo.conditioning``), so the same flow runs against the HTTP service or in-process models.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -57,6 +62,28 @@ class VideoSize:
                    max(height // SPATIAL_FACTOR * SPATIAL_FACTOR, 16),
                    max(width // SPATIAL_FACTOR * SPATIAL_FACTOR, 16))
 
+    @classmethod
+    def checked(cls, num_frames: int, height: int, width: int) -> tuple["VideoSize", list[str]]:
+        """``rounded``, refusing what cannot be decoded, with a note for each value it changed.
+
+        ValueError below one VAE chunk (17 frames: the VAE decodes whole chunks) or one latent
+        pixel (16 px)."""
+        if num_frames < FRAMES_PER_CHUNK:
+            raise ValueError(f"--num_frames {num_frames} is below {FRAMES_PER_CHUNK}: the Video-VAE "
+                             f"decodes whole {FRAMES_PER_CHUNK}-frame chunks; use "
+                             f"{FRAMES_PER_CHUNK}, {2 * FRAMES_PER_CHUNK}, ... (up to 204)")
+        for flag, value in (("height", height), ("width", width)):
+            if value < SPATIAL_FACTOR:
+                raise ValueError(f"--{flag} {value} is below {SPATIAL_FACTOR} pixels (one latent "
+                                 f"pixel); use a multiple of {SPATIAL_FACTOR}, e.g. 544x992")
+        size = cls.rounded(num_frames, height, width)
+        notes = [f"--{flag} {asked} rounded down to {got} (a multiple of {step})"
+                 for flag, asked, got, step in (
+                     ("num_frames", num_frames, size.num_frames, FRAMES_PER_CHUNK),
+                     ("height", height, size.height, SPATIAL_FACTOR),
+                     ("width", width, size.width, SPATIAL_FACTOR)) if asked != got]
+        return size, notes
+
     def latent_shape(self, batch: int, channels: int) -> tuple[int, int, int, int, int]:
         frames = max(self.num_frames // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK, 1)
         return (batch, frames, channels, self.height // SPATIAL_FACTOR,
@@ -76,38 +103,78 @@ def cfg_prompts(prompts: list[str], pos_magic: str, neg_magic: str) -> list[str]
 
 
 def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings,
-                    guidance: float) -> torch.Tensor:
+                    guidance: float, cfg=None) -> torch.Tensor:
     """One CFG prediction: the transformer sees [x, x] against [positive, negative] text.
+
+    ``cfg`` (a ``parallel.CfgSplit``) makes this rank run only its half of the batch and collect
+    the other half's velocity afterwards; without it both halves run here. Either way the halves
+    are combined here, once.
 
     The timestep stays float32 whatever the transformer's dtype. The public release casts it to
     bf16 first (t = 0.3 becomes 0.30078, i.e. timestep 300.8 instead of 300 after the x1000); on the
     kit's DiT in bf16 that rounding alone moves the output by 0.61, against 0.027 for everything
     else bf16 does (measured on CPU, benchmark notes in README).
     """
+    if cfg is not None:
+        text = cfg.local(text)
     dtype = next(transformer.parameters()).dtype
-    xx = torch.cat([x, x]).to(dtype)
+    copies = text.y.shape[0] // x.shape[0]  # 2: [x, x] for both halves; 1: this rank's half
+    xx = torch.cat([x] * copies).to(dtype)
     v = transformer(xx, t.expand(xx.shape[0]).float(), text.y, text.clip, text.mask,
-                    return_dict=False)
-    v_pos, v_neg = v.float().chunk(2)
+                    return_dict=False).float()
+    if cfg is not None:
+        v = cfg.gather(v)
+    v_pos, v_neg = v.chunk(2)
     return cfg_combine(v_pos, v_neg, guidance)
 
 
 def denoise(transformer, latents: torch.Tensor, text: TextEmbeddings,
-            scheduler: FlowMatchDiscreteScheduler, guidance: float,
-            velocity: Callable = guided_velocity,
+            scheduler: FlowMatchDiscreteScheduler, guidance: float, cfg=None,
             on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run the Euler loop over ``scheduler.timesteps``; latents stay float32 between steps."""
     x = latents.float()
     for i, t in enumerate(scheduler.timesteps):
-        v = velocity(transformer, x, t, text, guidance)
+        v = guided_velocity(transformer, x, t, text, guidance, cfg)
         x = scheduler.step(v, t, x)
         if on_step is not None:
             on_step(i, x)
     return x
 
 
+class StepProgress:
+    """A tqdm bar over the denoising steps with the last step's seconds (CUDA synchronised, so the
+    time is the step's own); a no-op when disabled."""
+
+    def __init__(self, total: int, device: torch.device, enabled: bool = True):
+        self.device, self.step_times = device, []
+        self._last = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+
+    def __call__(self, i: int, x: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.step_times.append(now - self._last)
+        self._last = now
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.step_times[-1]:.2f} s/step")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class StepVideoPipeline:
-    """Prompt -> video with the public release's call form."""
+    """Prompt -> video with the public release's call form.
+
+    The stages are methods (``encode_prompt``, ``initial_latents``, ``sample``, ``decode_uint8``,
+    ``write``) and each records its wall time in ``self.times`` (seconds, by stage name).
+    """
 
     def __init__(self, transformer, scheduler: FlowMatchDiscreteScheduler | None = None,
                  text_encoder: TextEncoderBackend | None = None, vae: VAEBackend | None = None):
@@ -115,6 +182,7 @@ class StepVideoPipeline:
         self.scheduler = scheduler or FlowMatchDiscreteScheduler()
         self.text_encoder = text_encoder
         self.vae = vae
+        self.times: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
@@ -126,7 +194,8 @@ class StepVideoPipeline:
         return cls(transformer, load_scheduler(model_dir))
 
     def setup_api(self, vae_url: str, caption_url: str, token: str | None = None) -> "StepVideoPipeline":
-        """Use the caption/VAE service for text encoding and decoding."""
+        """Use the caption/VAE service for text encoding and decoding (the release's call form).
+        The one place the diffusion layer reaches up to the service client, at call time."""
         from ..service.client import RemoteTextEncoder, RemoteVAE
 
         self.text_encoder = RemoteTextEncoder(caption_url, token=token)
@@ -137,12 +206,99 @@ class StepVideoPipeline:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name`` in ``self.times`` (CUDA work included)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[name] = time.perf_counter() - start
+
+    # --- the stages ------------------------------------------------------------------------
+
     def encode_prompt(self, prompts: list[str], pos_magic: str, neg_magic: str) -> TextEmbeddings:
+        """[prompts + pos_magic, neg_magic ...] -> embeddings on the DiT's device and dtype."""
         if self.text_encoder is None:
             raise RuntimeError("no text encoder: call setup_api(vae_url, caption_url) or pass "
                                "text_encoder= to the pipeline")
-        dtype = next(self.transformer.parameters()).dtype
-        return self.text_encoder.encode(cfg_prompts(prompts, pos_magic, neg_magic)).to(self.device, dtype)
+        with self.stage("text_encode"):
+            text = self.text_encoder.encode(cfg_prompts(prompts, pos_magic, neg_magic))
+            return text.to(self.device, self.dtype)
+
+    def initial_latents(self, batch: int, size: VideoSize, seed: int = DEFAULT_SEED,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise of the latent shape for ``size``: from ``seed`` (the same on every rank and
+        device), or from the caller's ``generator`` (on its own device) when one is given."""
+        shape = size.latent_shape(batch, self.transformer.config.in_channels)
+        if generator is not None:
+            return torch.randn(shape, generator=generator, dtype=torch.float32,
+                               device=generator.device).to(self.dtype)
+        return initial_noise(shape, seed, self.dtype)
+
+    @torch.inference_mode()
+    def sample(self, text: TextEmbeddings, size: VideoSize, num_inference_steps: int,
+               guidance_scale: float, time_shift: float, seed: int = DEFAULT_SEED,
+               latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               cfg=None, progress: bool = True,
+               on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Text embeddings [positives, negatives] -> denoised float32 latents (B, f, C, h, w).
+
+        ``cfg``: this rank's ``parallel.CfgSplit`` under CFG parallelism. ``progress``: a tqdm bar
+        with seconds per step; ``self.times["denoise_step_mean"]`` is their mean."""
+        if latents is None:
+            latents = self.initial_latents(text.y.shape[0] // 2, size, seed, generator)
+        self.scheduler.set_timesteps(num_inference_steps, time_shift, device=self.device)
+        bar = StepProgress(num_inference_steps, self.device, progress)
+
+        def step(i: int, x: torch.Tensor) -> None:
+            bar(i, x)
+            if on_step is not None:
+                on_step(i, x)
+
+        try:
+            with self.stage("denoise"):
+                x = denoise(self.transformer, latents.to(self.device), text, self.scheduler,
+                            guidance_scale, cfg=cfg, on_step=step)
+        finally:
+            bar.close()
+        self.times["denoise_step_mean"] = sum(bar.step_times) / max(len(bar.step_times), 1)
+        return x
+
+    def _vae(self) -> VAEBackend:
+        if self.vae is None:
+            raise RuntimeError("no VAE: call setup_api(vae_url, caption_url) or pass vae= to the pipeline")
+        return self.vae
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Float video (B, F, 3, H, W) in ~[-1, 1]."""
+        with self.stage("vae_decode"):
+            return self._vae().decode(latents)
+
+    def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, F, H, W, 3) uint8 frames, post-processed chunk by chunk by the VAE backend."""
+        with self.stage("vae_decode"):
+            return self._vae().decode_uint8(latents.float().cpu())
+
+    def write(self, frames, stem: str, denoise_filter: bool = True, crop: bool = True,
+              contact_sheet: bool = True) -> dict[str, str]:
+        """``stem``.mp4 (H.264, 25 fps) and ``stem``.png (contact sheet) from uint8 frames."""
+        from ..video_io import contact_sheet as write_sheet, save_video, stack_batch
+
+        with self.stage("write"):
+            frames = stack_batch(frames)  # (F, H, W, 3)
+            paths = {"video": save_video(frames, stem + ".mp4", denoise=denoise_filter, crop=crop)}
+            if contact_sheet:
+                paths["contact_sheet"] = write_sheet(frames, stem + ".png")
+        return paths
+
+    # --- the release's call form ----------------------------------------------------------
 
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str], height: int = 544, width: int = 992,
@@ -150,49 +306,24 @@ class StepVideoPipeline:
                  time_shift: float = 13.0, neg_magic: str = "", pos_magic: str = "",
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "mp4", output_file_name: str = "", return_dict: bool = True,
-                 seed: int = DEFAULT_SEED, on_step: Callable | None = None):
+                 seed: int = DEFAULT_SEED, progress: bool = True, on_step: Callable | None = None):
+        """Encode, denoise (with a progress bar), decode and, for ``output_type="mp4"``, write
+        ``output_file_name`` (default ``video.mp4``)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if output_type not in ("mp4", "latent", "tensor"):
             raise ValueError(f"output_type must be 'mp4', 'latent' or 'tensor', got {output_type!r}")
+        self.times = {}
         text = self.encode_prompt(prompts, pos_magic, neg_magic)
         x = self.sample(text, VideoSize.rounded(num_frames, height, width), num_inference_steps,
                         guidance_scale, time_shift, seed=seed, latents=latents, generator=generator,
-                        on_step=on_step)
+                        progress=progress, on_step=on_step)
         if output_type == "latent":
             return {"video": x} if return_dict else x
         video = self.vae_decode(x)
         if output_type == "mp4":
             from ..video_io import save_video
 
-            path = save_video(video, output_file_name or "video.mp4")
+            with self.stage("write"):
+                path = save_video(video, output_file_name or "video.mp4")
             return {"video": video, "path": path} if return_dict else video
         return {"video": video} if return_dict else video
-
-    def initial_latents(self, batch: int, size: VideoSize, seed: int = DEFAULT_SEED,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise of the latent shape for ``size``: from ``seed`` (the same on every rank and
-        device), or from the caller's ``generator`` (on its own device) when one is given."""
-        shape = size.latent_shape(batch, self.transformer.config.in_channels)
-        dtype = next(self.transformer.parameters()).dtype
-        if generator is not None:
-            return torch.randn(shape, generator=generator, dtype=torch.float32,
-                               device=generator.device).to(dtype)
-        return initial_noise(shape, seed, dtype)
-
-    @torch.inference_mode()
-    def sample(self, text: TextEmbeddings, size: VideoSize, num_inference_steps: int,
-               guidance_scale: float, time_shift: float, seed: int = DEFAULT_SEED,
-               latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               velocity: Callable = guided_velocity,
-               on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Text embeddings [positives, negatives] -> denoised float32 latents (B, f, C, h, w)."""
-        if latents is None:
-            latents = self.initial_latents(text.y.shape[0] // 2, size, seed, generator)
-        self.scheduler.set_timesteps(num_inference_steps, time_shift, device=self.device)
-        return denoise(self.transformer, latents.to(self.device), text, self.scheduler,
-                       guidance_scale, velocity=velocity, on_step=on_step)
-
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            raise RuntimeError("no VAE: call setup_api(vae_url, caption_url) or pass vae= to the pipeline")
-        return self.vae.decode(latents)

@@ -83,6 +83,30 @@ def _resolve(q: torch.Tensor) -> str:
     return "sdpa" if _selected == "auto" else _selected
 
 
+def kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_lens: torch.Tensor | None = None) -> str:
+    """The kernel ``attention`` runs for these inputs: ``flash`` (flash-attn), or ``sdpa:`` and
+    the SDPA backend PyTorch dispatches to (``FLASH_ATTENTION``, ``EFFICIENT_ATTENTION``,
+    ``CUDNN_ATTENTION``, ``MATH``...), asked from PyTorch's own dispatcher."""
+    name = _resolve(q)
+    if name != "sdpa":
+        return name
+    from torch.nn.attention import SDPBackend
+
+    t = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    mask = None
+    if kv_lens is not None:
+        mask = torch.ones(q.shape[0], 1, 1, k.shape[1], dtype=torch.bool, device=q.device)
+    return f"sdpa:{SDPBackend(torch._fused_sdp_choice(*t, mask)).name}"
+
+
+def probe_kernel(device: torch.device | str, dtype: torch.dtype, heads: int = 4,
+                 head_dim: int = 128, tokens: int = 64, masked: bool = False) -> str:
+    """``kernel_name`` for small inputs of this device, dtype and head dim."""
+    q = torch.zeros(1, tokens, heads, head_dim, device=device, dtype=dtype)
+    return kernel_name(q, q, q, torch.full((1,), tokens) if masked else None)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               kv_lens: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Softmax attention with scale 1/sqrt(D); q (B,Sq,H,D), k/v (B,Sk,H,D) -> (B,Sq,H,D)."""

@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..conditioning import TextEmbeddings
 from ..modules.attention import attention
 from .config import ParallelConfig
+from .context import CfgSplit
 
 
 class Groups:
@@ -174,20 +176,16 @@ def apply_tensor_parallel(model: nn.Module, groups: Groups) -> None:
         ff.net[2] = RowParallelLinear(ff.net[2], rank, size, group)
 
 
-def cfg_parallel_velocity(groups: Groups):
-    """A ``velocity`` for ``denoise``: each CFG group runs its half of [positive, negative] and the
-    halves are exchanged, halving each rank's DiT work."""
-    from ..diffusion.scheduler import cfg_combine
+class CfgParallel(CfgSplit):
+    """Each CFG group runs its half of [positive, negative]; the velocity halves are exchanged,
+    halving each rank's DiT work."""
 
-    index, group = groups.coords["cfg"], groups.group("cfg")
+    def __init__(self, groups: Groups):
+        self.index, self.group = groups.coords["cfg"], groups.group("cfg")
 
-    def velocity(transformer, x, t, text, guidance):
-        dtype = next(transformer.parameters()).dtype
-        b = x.shape[0]
-        half = text.select(slice(index * b, (index + 1) * b))
-        v = transformer(x.to(dtype), t.expand(b).float(), half.y, half.clip, half.mask,
-                        return_dict=False).float()
-        v_pos, v_neg = _all_gather(v, group, 0).chunk(2)
-        return cfg_combine(v_pos, v_neg, guidance)
+    def local(self, text: TextEmbeddings) -> TextEmbeddings:
+        b = text.y.shape[0] // 2
+        return text.select(slice(self.index * b, (self.index + 1) * b))
 
-    return velocity
+    def gather(self, v: torch.Tensor) -> torch.Tensor:
+        return _all_gather(v, self.group, 0)

@@ -16,6 +16,7 @@ import sys
 from .protocol import DEFAULT_PORT, MAX_LATENT_ELEMENTS, TOKEN_ENV
 from .server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_THREADS,
                      ServerOptions, ServiceConfigError, run_server)
+from ..devices import DTYPE_CHOICES
 from ..weights import CheckpointError
 
 
@@ -40,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, "
                                                     "cuda, cuda:N")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
                    help="LLM and VAE dtype, and the dtype embeddings are sent in (CLIP runs in "
-                        "float32)")
+                        "float32); auto = bfloat16 on CUDA, float32 on CPU")
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token_file", default=None,
                        help=f"file holding the bearer token required on every request but "

@@ -453,16 +453,20 @@ class ServerOptions:
         return os.environ.get(TOKEN_ENV) or None
 
     def torch_dtype(self) -> torch.dtype:
-        table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                 "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-        if self.dtype not in table:
-            raise ServiceConfigError(f"dtype {self.dtype!r} is not one of {sorted(table)}")
-        return table[self.dtype]
+        from ..devices import resolve_dtype
+
+        try:
+            return resolve_dtype(self.dtype, self.torch_device())
+        except ValueError as e:
+            raise ServiceConfigError(f"--dtype: {e}") from e
 
     def torch_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        from ..devices import resolve_device
+
+        try:
+            return str(resolve_device(self.device))
+        except ValueError as e:
+            raise ServiceConfigError(f"--device: {e}") from e
 
 
 def build_service(opts: ServerOptions) -> tuple[Any, ServiceModels, Callable[[], threading.Thread]]:
