@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conformance import assert_close, load_json, load_tensors
+from stepvideo.conformance import assert_close, load_json, load_tensors
 from stepvideo.modules.layers import timestep_sinusoid
 from stepvideo.modules.model import DiTConfig, StepVideoModel
 from stepvideo.modules.rope import apply_rope, rope_tables

@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conformance import load_json, load_tensors
+from stepvideo.conformance import load_json, load_tensors
 from stepvideo.modules.model import DiTConfig, StepVideoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

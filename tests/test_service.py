@@ -17,7 +17,6 @@ import requests
 import torch
 from safetensors.torch import save as st_save
 
-from conftest import ROOT, SERVER, free_port, running_service, start_service, stop_service
 from stepvideo.diffusion.video_pipeline import NEG_MAGIC, StepVideoPipeline
 from stepvideo.service.client import (LocalTextEncoder, LocalVAE, RemoteTextEncoder, RemoteVAE,
                                       RetryPolicy, ServiceError, normalize_url)
@@ -26,6 +25,7 @@ from stepvideo.service.protocol import (CONTENT_TYPE, MAX_LATENT_ELEMENTS, MAX_V
                                         decode_message, encode_message)
 from stepvideo.tiny import TinySizes
 from stepvideo.video_io import uint8_per_sample
+from tests.helpers import ROOT, SERVER, free_port, running_service, start_service, stop_service
 
 MAX_BODY_MB = 2
 MAX_LATENT = 1 << 16        # the test server's --max_latent_elements (its default: 2**23)
