@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from stepvideo.bench import build_benchmark_parser, parse_benchmark_args
+from stepvideo.suite_runner import build_benchmark_parser, parse_benchmark_args
 from stepvideo.suite import (EVAL_CATEGORIES, EVAL_SHA256, EVAL_URL, UNCATEGORIZED, Category,
                              ManifestRecord, PromptEntry, SuiteError, append_manifest,
                              categorize, download_verified, is_temp_file, latest_by_index,

@@ -225,7 +225,7 @@ def test_import_has_no_side_effects():
     assert out.returncode == 0, out.stderr
     imported = set(out.stdout.split())
     assert {"stepvideo.runner", "stepvideo.service.server", "stepvideo.parallel.xfuser_backend",
-            "stepvideo.text_encoder.stepllm", "stepvideo.vae.vae", "stepvideo.bench"} <= imported
+            "stepvideo.text_encoder.stepllm", "stepvideo.vae.vae", "stepvideo.suite_runner"} <= imported
 
 
 @torch.no_grad()
