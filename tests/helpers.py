@@ -24,8 +24,10 @@ def free_port() -> int:
 
 def start_service(model_dir: str, *extra_args: str, port: int | None = None,
                   env: dict | None = None, log: Path | None = None, wait: bool = True,
-                  timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``api/call_remote_server.py`` on 127.0.0.1 and return (proc, "http://127.0.0.1:PORT").
+                  timeout: float = 120.0, command: list[str] | None = None,
+                  cwd: str | Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """Start ``api/call_remote_server.py`` (or ``command``, e.g. an installed ``stepvideo-server``)
+    on 127.0.0.1 and return (proc, "http://127.0.0.1:PORT").
 
     Output goes to ``log`` (a temporary file by default; its path is ``proc.log``). With ``wait``
     it polls /health until "ready" and fails the test with the server's log if the server exits,
@@ -36,9 +38,9 @@ def start_service(model_dir: str, *extra_args: str, port: int | None = None,
         os.close(fd)
         log = Path(name)
     with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, str(SERVER), "--model_dir", model_dir,
-                                 "--port", str(port), *extra_args],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+        proc = subprocess.Popen([*(command or [sys.executable, str(SERVER)]), "--model_dir",
+                                 model_dir, "--port", str(port), *extra_args],
+                                stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, **(env or {})})
     proc.log = Path(log)
     url = f"http://127.0.0.1:{port}"
