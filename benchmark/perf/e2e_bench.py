@@ -35,15 +35,15 @@ from pathlib import Path
 
 import torch
 
-from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
-from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, PRESETS, VideoSize,
-                                                cfg_prompts, denoise, initial_noise)
-from stepvideo.service.client import (LocalTextEncoder, LocalVAE, RemoteTextEncoder, RemoteVAE,
-                                      ServiceError)
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SERVER = ROOT / "api" / "call_remote_server.py"
+
+from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler  # noqa: E402
+from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, PRESETS,  # noqa: E402
+                                                VideoSize, cfg_prompts, denoise, initial_noise)
+from stepvideo.service.client import (LocalTextEncoder, LocalVAE, RemoteTextEncoder,  # noqa: E402
+                                      RemoteVAE, ServiceError)
 
 DEFAULT_PROMPT = "A red fox trots across a snowy field at sunrise / 一只红狐狸在日出时穿过雪原"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
