@@ -4,7 +4,6 @@ model, checked against the same backends run in this process."""
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -264,10 +263,10 @@ def test_token_is_required_when_configured(tiny_dir, tmp_path, local_text):
 
 
 def _server_script():
-    spec = importlib.util.spec_from_file_location("call_remote_server", SERVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The server's command line: api/call_remote_server.py is a shim over stepvideo.service.cli."""
+    from stepvideo.service import cli
+
+    return cli
 
 
 def test_token_flags(tmp_path, capsys, monkeypatch):
