@@ -21,7 +21,6 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 RESULTS: list[dict] = []
 # bf16 limits: a few bf16 steps at |x| ~ 3.6 (the kit DiT's output scale); measured 0.027 on the CPU.
 BF16_LIMIT = 0.1
@@ -45,7 +44,7 @@ def guarded(fn):
 
 
 def kit_model(device, dtype):
-    from conformance import load_json, load_tensors
+    from stepvideo.conformance import load_json, load_tensors
     from stepvideo.modules.model import StepVideoModel
     from stepvideo.weights import load_state_dict_strict
 

@@ -8,14 +8,13 @@ Same model, parallel and sampling flags as run_parallel.py (no --prompt); see --
 it writes SAVE_PATH/NNNN-category/<name>.mp4 + .json sidecar + .png contact sheet, and
 SAVE_PATH/manifest.jsonl, summary.json and index.html (benchmark/report.py). Rerun the same
 command to finish an interrupted run: complete prompts are skipped, broken ones redone.
-The job itself is stepvideo.bench; the suites and manifest are stepvideo.suite.
+The job itself is stepvideo.suite_runner (also installed as stepvideo-benchmark); the suites and
+manifest are stepvideo.suite, the gallery stepvideo.gallery.
 """
 
 import sys
 
-from report import write_gallery
-
-from stepvideo.bench import main
+from stepvideo.suite_runner import main
 
 if __name__ == "__main__":
-    sys.exit(main(gallery=write_gallery))
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Prompt suites for scripted benchmark runs: prompt files, categories, the suite registry, the
 verified download of the public Eval list, the run manifest, resumability checks and the summary.
 
-No torch here: ``stepvideo/bench.py`` (the torchrun job behind ``benchmark/run_benchmark.py``) and
-``benchmark/report.py`` (the gallery) build on these pieces.
+No torch here: ``stepvideo/suite_runner.py`` (the torchrun job behind
+``benchmark/run_benchmark.py``) and ``stepvideo/gallery.py`` build on these pieces.
 
 Files
   * prompts: UTF-8 text, one prompt per line. The prompt's *index* is its 1-based line number;

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running_service
-
-from stepvideo.bench import build_benchmark_parser, parse_benchmark_args
+from stepvideo.suite_runner import build_benchmark_parser, parse_benchmark_args
 from stepvideo.suite import (EVAL_CATEGORIES, EVAL_SHA256, EVAL_URL, UNCATEGORIZED, Category,
                              ManifestRecord, PromptEntry, SuiteError, append_manifest,
                              categorize, download_verified, is_temp_file, latest_by_index,
                              parse_categories, parse_line_range, read_categories, read_manifest,
                              read_prompts, remove_temp_files, resolve_suite, select, sha256_of,
                              slug, summarize)
+from tests.helpers import running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmark" / "run_benchmark.py"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conformance import assert_close, load_json, load_tensors
+from stepvideo.conformance import assert_close, load_json, load_tensors
 from stepvideo.modules.layers import timestep_sinusoid
 from stepvideo.modules.model import DiTConfig, StepVideoModel
 from stepvideo.modules.rope import Rope, apply_rope, rope_tables
@@ -256,7 +256,7 @@ def test_import_has_no_side_effects():
     assert out.returncode == 0, out.stderr
     imported = set(out.stdout.split())
     assert {"stepvideo.runner", "stepvideo.service.server", "stepvideo.parallel.xfuser_backend",
-            "stepvideo.text_encoder.stepllm", "stepvideo.vae.vae", "stepvideo.bench"} <= imported
+            "stepvideo.text_encoder.stepllm", "stepvideo.vae.vae", "stepvideo.suite_runner"} <= imported
 
 
 @torch.no_grad()

@@ -1,21 +1,17 @@
-"""benchmark/perf/flops.py: hand-computed counts and torch's FlopCounterMode on a real forward."""
+"""stepvideo/flops.py: hand-computed counts and torch's FlopCounterMode on a real forward."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conformance import load_json, load_tensors
+from stepvideo import flops
+from stepvideo.conformance import load_json, load_tensors
 from stepvideo.modules.model import DiTConfig, StepVideoModel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmark.perf import flops  # noqa: E402
 
 
 def test_block_flops_by_hand():

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import pytest
 
-from conftest import ROOT, free_port, running_service
 from stepvideo.runner import request_from_args
 from stepvideo.video_io import read_frames, read_video_info
+from tests.helpers import ROOT, free_port, running_service
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conformance import assert_close, load_json, load_tensors
+from stepvideo.conformance import assert_close, load_json, load_tensors
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler, cfg_combine, euler_step, flow_sigmas
 from stepvideo.conditioning import TextEmbeddings
 from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, StepVideoPipeline, VideoSize,

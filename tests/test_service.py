@@ -4,7 +4,6 @@ model, checked against the same backends run in this process."""
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -17,7 +16,6 @@ import requests
 import torch
 from safetensors.torch import save as st_save
 
-from conftest import ROOT, SERVER, free_port, running_service, start_service, stop_service
 from stepvideo.diffusion.video_pipeline import NEG_MAGIC, StepVideoPipeline
 from stepvideo.service.client import (RemoteTextEncoder, RemoteVAE, RetryPolicy, ServiceError,
                                       normalize_url)
@@ -28,6 +26,7 @@ from stepvideo.service.protocol import (CONTENT_TYPE, MAX_LATENT_ELEMENTS, MAX_V
                                         decode_message, encode_message)
 from stepvideo.tiny import TinySizes
 from stepvideo.video_io import uint8_per_sample
+from tests.helpers import ROOT, SERVER, free_port, running_service, start_service, stop_service
 
 MAX_BODY_MB = 2
 MAX_LATENT = 1 << 16        # the test server's --max_latent_elements (its default: 2**23)
@@ -266,10 +265,10 @@ def test_token_is_required_when_configured(tiny_dir, tmp_path, local_text):
 
 
 def _server_script():
-    spec = importlib.util.spec_from_file_location("call_remote_server", SERVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The server's command line: api/call_remote_server.py is a shim over stepvideo.service.cli."""
+    from stepvideo.service import cli
+
+    return cli
 
 
 def test_token_flags(tmp_path, capsys, monkeypatch):

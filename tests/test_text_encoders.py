@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from conformance import assert_close, kit_dir, load_json, load_tensors
+from stepvideo.conformance import assert_close, kit_dir, load_json, load_tensors
 
 from stepvideo.text_encoder.clip import HunyuanClip, build_bert, write_clip_dir
 from stepvideo.text_encoder.stepllm import (STEP1TextEncoder, SqrtAlibiAttention, Step1Config,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conformance import assert_close, load_json, load_tensors
+from stepvideo.conformance import assert_close, load_json, load_tensors
 from stepvideo.vae.vae import (CHECKPOINT_RENAMES, AutoencoderKL, VAEConfig, blend_seam,
                                state_dict_for_checkpoint)
 from stepvideo.weights import CheckpointError, load_state_dict_strict, rename_keys

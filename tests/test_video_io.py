@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conformance import load_json, load_tensors
+from stepvideo.conformance import load_json, load_tensors
 from stepvideo.video_io import (contact_sheet, crop_540p, read_frames, read_video_info,
                                 save_video, to_uint8_frames)
 

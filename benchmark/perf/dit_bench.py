@@ -18,24 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # flops.py beside us; the repo, if not installed
-import flops  # noqa: E402
-
-from stepvideo.diffusion.video_pipeline import VideoSize  # noqa: E402
-from stepvideo.modules import attention  # noqa: E402
-from stepvideo.modules.model import DiTConfig, StepVideoModel  # noqa: E402
-from stepvideo.modules.rope import rope_tables  # noqa: E402
+from stepvideo import flops
+from stepvideo.conformance import kit_dir
+from stepvideo.diffusion.video_pipeline import VideoSize
+from stepvideo.modules import attention
+from stepvideo.modules.model import DiTConfig, StepVideoModel
+from stepvideo.modules.rope import rope_tables
+from stepvideo.timing import device_name, peak_memory_gb, reset_peak_memory, time_call
 
 # Public release README section 4.1 ("batch size = 1, w/o cfg distillation", "50 steps w
 # flash-attn", "tested on four GPUs"; the GPU model is not named): (frames, height, width, s).
@@ -64,30 +58,7 @@ def token_grid(tokens: int) -> tuple[int, int, int]:
     return 1, h, tokens // h
 
 
-# --- device helpers -------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gb(device: torch.device) -> tuple[str, float]:
-    """CUDA: max allocated since the last reset. CPU: the process RSS high-water (cumulative)."""
-    if device.type == "cuda":
-        return "cuda_max_allocated", torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return "process_rss_high_water", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
+# --- attention ------------------------------------------------------------------------------
 
 def resolved_attention(device: torch.device, dtype: torch.dtype) -> str:
     """The kernel the attention seam runs for this device and dtype (head dim 128), as PyTorch's
@@ -129,22 +100,7 @@ def model_inputs(cfg: DiTConfig, batch: int, grid: tuple[int, int, int], text_le
     }
 
 
-# --- timing ---------------------------------------------------------------------------------
-
-def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` calls after ``warmup`` untimed ones, synchronised on CUDA."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-    return times
-
+# --- cases ----------------------------------------------------------------------------------
 
 def run_case(name: str, fn, flop_count: int, shape: dict, args, device) -> dict:
     reset_peak_memory(device)
@@ -165,10 +121,13 @@ def run_case(name: str, fn, flop_count: int, shape: dict, args, device) -> dict:
 
 
 def kit_small_case(args, device, dtype) -> dict | None:
-    kit = Path(os.environ.get("STEPVIDEO_CONFORMANCE_DIR",
-                              Path(__file__).resolve().parents[3] / "shared" / "conformance"))
+    try:
+        kit = kit_dir()
+    except FileNotFoundError as e:
+        print(f" small: skipped ({e})")
+        return None
     if not (kit / "dit_small.json").is_file() or not (kit / "dit_small_io.safetensors").is_file():
-        print(f" small: skipped (no conformance kit at {kit}; set STEPVIDEO_CONFORMANCE_DIR)")
+        print(f" small: skipped (no dit_small.json/_io.safetensors in {kit})")
         return None
     from safetensors.torch import load_file
 

@@ -37,7 +37,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(ROOT)]  # the repo, if the package is not installed
 SERVER = ROOT / "api" / "call_remote_server.py"
 
 from stepvideo.devices import DTYPE_CHOICES, dtype_name, resolve_dtype  # noqa: E402

@@ -14,17 +14,13 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parents[1])]
-from dit_bench import device_name, peak_memory_gb, reset_peak_memory, time_call  # noqa: E402
-
-from stepvideo.text_encoder.stepllm import PRESETS, Step1Model  # noqa: E402
-from stepvideo.vae.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from stepvideo.text_encoder.stepllm import PRESETS, Step1Model
+from stepvideo.timing import device_name, peak_memory_gb, reset_peak_memory, time_call
+from stepvideo.vae.vae import AutoencoderKL, VAEConfig
 
 FULL_CLIP = dict(vocab_size=47020, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  intermediate_size=4096, max_position_embeddings=512)

@@ -1,5 +1,6 @@
-"""The scripted benchmark job behind ``benchmark/run_benchmark.py``: a prompt suite through one
-loaded model, resumable, with a manifest and a summary.
+"""The prompt-suite runner: a prompt suite through one loaded model, resumable, with a manifest, a
+summary and a gallery (``stepvideo.gallery``). It is the job behind ``benchmark/run_benchmark.py``,
+``stepvideo-benchmark`` and ``torchrun ... -m stepvideo.suite_runner``.
 
 Launched under torchrun like ``run_parallel.py`` and takes the same model, parallel and sampling
 flags (``stepvideo.runner.build_parser``), without ``--prompt``. Rank 0 reads the suite, decides
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from .fileio import write_json_atomic
+from .gallery import write_gallery
 from .parallel import LaunchEnv
 from .runner import (GenerationRequest, PreflightError, build_parser, output_stem,
                      request_from_namespace)
@@ -308,8 +310,10 @@ def run_summary(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry]
     return summarize(entries, read_manifest(run.base.save_path), info)
 
 
-def main(argv: list[str] | None = None, gallery: Callable[[str], str] | None = None) -> int:
-    """The torchrun entry. ``gallery(save_path) -> path`` is called on rank 0 at the end."""
+def main(argv: list[str] | None = None,
+         gallery: Callable[[str], str] | None = write_gallery) -> int:
+    """The torchrun entry. ``gallery(save_path) -> path`` is called on rank 0 at the end (unless
+    ``--no_gallery``; ``None`` writes none)."""
     from .runner import VideoGenerator
 
     opts, base = parse_benchmark_args(argv)
@@ -359,3 +363,7 @@ def finish(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry], sta
         f"{run.counts['failed']} failed in {summary['run']['wall_s']:.1f} s")
     log(f"summary {path}; manifest {os.path.join(run.base.save_path, MANIFEST)}")
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """Locate and read the conformance kit (ground-truth vectors from the public release).
 
-The kit lives in ``$STEPVIDEO_CONFORMANCE_DIR`` (default ``../shared/conformance`` next to the
-repository). Tests take configs, shapes and tolerances from the kit's own JSON files.
+The kit lives in ``$STEPVIDEO_CONFORMANCE_DIR``; from a repository checkout the default is
+``../shared/conformance`` beside the checkout. Tests and ``benchmark/gpu_check.py`` take configs,
+shapes and tolerances from the kit's own JSON files.
 """
 
 from __future__ import annotations
@@ -14,12 +15,26 @@ import torch
 from safetensors.torch import load_file
 
 
+ENV = "STEPVIDEO_CONFORMANCE_DIR"
+
+
+def checkout_root() -> Path | None:
+    """The repository checkout this package is imported from, or None when it is installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "setup.py").is_file() and (root / "tests").is_dir() else None
+
+
 def kit_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "conformance"
-    path = Path(os.environ.get("STEPVIDEO_CONFORMANCE_DIR", default))
+    """``$STEPVIDEO_CONFORMANCE_DIR``, else ``../shared/conformance`` beside the checkout."""
+    if os.environ.get(ENV):
+        path = Path(os.environ[ENV])
+    elif (root := checkout_root()) is not None:
+        path = root.parent / "shared" / "conformance"
+    else:
+        raise FileNotFoundError(f"conformance kit: stepvideo is installed, not a checkout, so there "
+                                f"is no default; set {ENV} to the kit's directory")
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"conformance kit not found at {path}; set STEPVIDEO_CONFORMANCE_DIR to its directory")
+        raise FileNotFoundError(f"conformance kit not found at {path}; set {ENV} to its directory")
     return path
 
 

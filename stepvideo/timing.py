@@ -1,0 +1,51 @@
+"""What the benchmarks measure with: the device's name, synchronised wall times and peak memory.
+
+Used by ``benchmark/perf/*.py``; achieved TFLOP/s divide ``stepvideo.flops`` counts by these times.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> tuple[str, float]:
+    """CUDA: max allocated since the last reset. CPU: the process RSS high-water (cumulative)."""
+    if device.type == "cuda":
+        return "cuda_max_allocated", torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource  # POSIX only
+
+    return "process_rss_high_water", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls after ``warmup`` untimed ones, synchronised on CUDA."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return times
