@@ -293,10 +293,6 @@ def resolve_suite(name: str, prompts: str | None = None,
     return SuiteFiles(name, path, EVAL_CATEGORIES, "stepvideo.suite.EVAL_CATEGORIES")
 
 
-def load_entries(files: SuiteFiles) -> list[PromptEntry]:
-    return categorize(read_prompts(files.prompts), files.categories, files.categories_source)
-
-
 # --------------------------------------------------------------------------------------------
 # Atomic writes and the manifest
 # --------------------------------------------------------------------------------------------

@@ -139,9 +139,15 @@ def save_video(video, path: str, fps: int = FPS, denoise: bool = True, crop: boo
     return path
 
 
+SHEET_GAP = 4             # pixels between and around tiles
+SHEET_LABEL = 14          # pixel strip under each tile holding its frame index
+SHEET_BACKGROUND = (24, 24, 24)
+
+
 def contact_sheet(frames, path: str, n: int = 8, cols: int = 4) -> str:
-    """A PNG grid of ``n`` evenly spaced frames (first and last included), ``cols`` per row."""
-    from PIL import Image
+    """A PNG grid of ``n`` evenly spaced frames (first and last included), ``cols`` per row, each
+    tile separated by a dark gap and labelled with its frame index underneath."""
+    from PIL import Image, ImageDraw, ImageFont
 
     frames = as_frames(frames)
     if n < 1 or cols < 1:
@@ -150,9 +156,14 @@ def contact_sheet(frames, path: str, n: int = 8, cols: int = 4) -> str:
     cols = min(cols, len(picks))
     rows = math.ceil(len(picks) / cols)
     height, width = frames.shape[1:3]
-    sheet = Image.new("RGB", (cols * width, rows * height))
+    g, label = SHEET_GAP, SHEET_LABEL
+    sheet = Image.new("RGB", (cols * width + (cols + 1) * g, rows * (height + label + g) + g),
+                      SHEET_BACKGROUND)
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     for i, idx in enumerate(picks):
-        sheet.paste(Image.fromarray(frames[idx]), ((i % cols) * width, (i // cols) * height))
+        x, y = g + (i % cols) * (width + g), g + (i // cols) * (height + label + g)
+        sheet.paste(Image.fromarray(frames[idx]), (x, y))
+        draw.text((x + 2, y + height + 2), f"frame {idx}", fill=(235, 235, 235), font=font)
     path = os.fspath(path)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

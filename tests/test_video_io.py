@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from stepvideo.conformance import load_json, load_tensors
-from stepvideo.video_io import (contact_sheet, crop_540p, read_frames, read_video_info,
-                                save_video, to_uint8_frames)
+from stepvideo.video_io import (SHEET_BACKGROUND, SHEET_GAP, SHEET_LABEL, contact_sheet, crop_540p,
+                                read_frames, read_video_info, save_video, to_uint8_frames)
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +160,18 @@ def test_read_only_directory_is_a_clear_error(tmp_path, monkeypatch):
 def test_contact_sheet(tmp_path):
     frames = to_uint8_frames(_gradient_video(frames=10, height=20, width=30))
     path = contact_sheet(frames, tmp_path / "sheet.png", n=8, cols=4)
+    g, label = SHEET_GAP, SHEET_LABEL
     with Image.open(path) as sheet:
         assert sheet.format == "PNG"
-        assert sheet.size == (4 * 30, 2 * 20)
-        first_tile = np.asarray(sheet.convert("RGB"))[:20, :30]
-    np.testing.assert_array_equal(first_tile, frames[0])
+        assert sheet.size == (4 * 30 + 5 * g, 2 * (20 + label + g) + g)
+        pixels = np.asarray(sheet.convert("RGB"))
+    np.testing.assert_array_equal(pixels[g:g + 20, g:g + 30], frames[0])      # tile 1 = frame 0
+    x2 = g + 30 + g                                                           # tile 2 = frame 1
+    np.testing.assert_array_equal(pixels[g:g + 20, x2:x2 + 30], frames[1])
+    assert (pixels[:g] == SHEET_BACKGROUND).all()                             # visible gaps
+    assert (pixels[g:g + 20, g + 30:x2] == SHEET_BACKGROUND).all()
+    strips = [pixels[g + 20:g + 20 + label, x:x + 30] for x in (g, x2)]       # the index labels
+    assert all((s.max(axis=-1) > 200).any() for s in strips)
+    assert not np.array_equal(*strips)                                        # "frame 0" vs "frame 1"
     with Image.open(contact_sheet(frames[:3], tmp_path / "few.png", n=8, cols=4)) as few:
-        assert few.size == (3 * 30, 20)  # fewer frames than n: one row of 3
+        assert few.size == (3 * 30 + 4 * g, 20 + label + 2 * g)  # fewer frames than n: one row

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from ..fileio import write_json_atomic
@@ -277,9 +278,9 @@ class StepVideoModel(nn.Module):
         return context[:, : int(kv_lens.max())], kv_lens
 
     def unpatchify(self, x: torch.Tensor, frames: int, h: int, w: int) -> torch.Tensor:
-        p, c = self.config.patch_size, self.config.out_channels
-        x = x.view(-1, frames, h, w, p, p, c)
-        return x.permute(0, 1, 6, 2, 4, 3, 5).reshape(-1, frames, c, h * p, w * p)
+        """(B, F*h*w, p*p*C) -> (B, F, C, h*p, w*p)."""
+        p = self.config.patch_size
+        return rearrange(x, "b (f h w) (p q c) -> b f c (h p) (w q)", f=frames, h=h, w=w, p=p, q=p)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: torch.Tensor,

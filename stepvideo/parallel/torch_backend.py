@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch import nn
 
 from ..conditioning import TextEmbeddings
@@ -97,18 +98,18 @@ class UlyssesPlan:
         return x.narrow(dim, 0, seq_len)
 
     def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S/U, H, d) this rank's tokens, all heads -> (B, S, H/U, d) all tokens, its heads."""
         u = self.g.size("ulysses")
-        b, s, h, d = x.shape
-        x = x.reshape(b, s, u, h // u, d).permute(2, 0, 1, 3, 4)  # (U, B, S/U, H/U, d)
+        x = rearrange(x, "b s (u h) d -> u b s h d", u=u)  # chunk i goes to rank i
         x = _all_to_all(x, self.g.group("ulysses"))  # dim 0 now indexes the sequence chunk
-        return x.permute(1, 0, 2, 3, 4).reshape(b, u * s, h // u, d)
+        return rearrange(x, "u b s h d -> b (u s) h d")
 
     def _heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse: (B, S, H/U, d) -> (B, S/U, H, d)."""
         u = self.g.size("ulysses")
-        b, s, h, d = x.shape
-        x = x.reshape(b, u, s // u, h, d).permute(1, 0, 2, 3, 4)  # (U, B, S/U, H/U, d)
+        x = rearrange(x, "b (u s) h d -> u b s h d", u=u)
         x = _all_to_all(x, self.g.group("ulysses"))  # dim 0 now indexes the head chunk
-        return x.permute(1, 2, 0, 3, 4).reshape(b, s // u, u * h, d)
+        return rearrange(x, "u b s h d -> b s (u h) d")
 
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        seq_len: int) -> torch.Tensor:

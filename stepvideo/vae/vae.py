@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from stepvideo.weights import (CheckpointError, load_safetensors, load_state_dict_strict,
@@ -114,22 +115,19 @@ class VAEConfig:
 # --------------------------------------------------------------------------------------------
 
 class FrameGroupNorm(nn.GroupNorm):
-    """GroupNorm(32) whose statistics are taken over (C/32, H, W) of each frame separately
-    (``per_frame=True``, the version-2 behaviour) or over all frames (``per_frame=False``).
-    eps is nn.GroupNorm's default 1e-5 (the kit rejects 1e-6)."""
+    """GroupNorm(32) whose statistics are taken over (C/32, H, W) of each frame separately (the
+    version-2 behaviour; every norm of the released VAE is one). eps is nn.GroupNorm's default 1e-5
+    (the kit rejects 1e-6)."""
 
-    def __init__(self, num_channels: int, per_frame: bool = True, eps: float = 1e-5):
+    per_frame = True  # the only behaviour; version 1's whole-clip statistics are not supported
+
+    def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__(NORM_GROUPS, num_channels, eps=eps)
-        self.per_frame = per_frame
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        if self.per_frame:
-            b, c, t, h, w = x.shape
-            frames = x.transpose(1, 2).reshape(b * t, c, h, w)                 # (B*T, C, H, W)
-            y = F.group_norm(frames, self.num_groups, self.weight, self.bias, self.eps)
-            y = y.reshape(b, t, c, h, w).transpose(1, 2)                       # (B, C, T, H, W)
-        else:
-            y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        y = F.group_norm(frames, self.num_groups, self.weight, self.bias, self.eps)
+        y = rearrange(y, "(b t) c h w -> b c t h w", b=x.shape[0])
         return F.silu(y, inplace=True) if silu else y
 
 
