@@ -30,6 +30,9 @@ from .parallel import LaunchEnv, ParallelConfig, setup_parallel
 from .weights import CheckpointError, read_json
 
 
+LOCAL = "local"   # --caption_url / --vae_url value: run that part in this process
+
+
 class PreflightError(RuntimeError):
     """A problem found before any expensive work; printed as one line by rank 0."""
 
@@ -43,6 +46,8 @@ class GenerationRequest:
     transformer_dir: str | None = None
     vae_url: str = "127.0.0.1"
     caption_url: str = "127.0.0.1"
+    encoder_device: str = "auto"
+    encoder_dtype: str = "auto"
     infer_steps: int = PRESETS["base"].num_inference_steps
     cfg_scale: float = PRESETS["base"].guidance_scale
     time_shift: float = PRESETS["base"].time_shift
@@ -84,8 +89,17 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--model_dir", required=True, help="stepvideo-t2v folder (official layout)")
     g.add_argument("--transformer_dir", default=None,
                    help="a different transformer/ (e.g. Turbo) used with --model_dir's scheduler")
-    g.add_argument("--vae_url", default="127.0.0.1", help="VAE service: host, host:port or URL")
-    g.add_argument("--caption_url", default="127.0.0.1", help="caption service: host, host:port or URL")
+    g.add_argument("--vae_url", default="127.0.0.1",
+                   help=f"VAE service: host, host:port or URL; {LOCAL!r} runs the VAE in this job "
+                        "(rank 0), no service")
+    g.add_argument("--caption_url", default="127.0.0.1",
+                   help=f"caption service: host, host:port or URL; {LOCAL!r} runs Step-1 + CLIP in "
+                        "this job (rank 0), no service")
+    g.add_argument("--encoder_device", default="auto",
+                   help="device of the in-process (local) encoders/VAE; auto = rank 0's DiT device")
+    g.add_argument("--encoder_dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype of the in-process encoders/VAE (CLIP runs in float32); auto = "
+                        "bfloat16 on CUDA, float32 on CPU. The service's default is bfloat16")
     g = p.add_argument_group("parallelism (world size = ulysses x ring x tensor_parallel x cfg)")
     g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel all-to-all degree; must divide 48 heads")
     g.add_argument("--ring_degree", type=int, default=1, help="sequence-parallel ring degree")
@@ -134,7 +148,8 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
     preset = PRESETS[a.preset]
     return GenerationRequest(
         model_dir=a.model_dir, transformer_dir=a.transformer_dir, prompt=getattr(a, "prompt", ""),
-        vae_url=a.vae_url, caption_url=a.caption_url,
+        vae_url=a.vae_url, caption_url=a.caption_url, encoder_device=a.encoder_device,
+        encoder_dtype=a.encoder_dtype,
         infer_steps=preset.num_inference_steps if a.infer_steps is None else a.infer_steps,
         cfg_scale=preset.guidance_scale if a.cfg_scale is None else a.cfg_scale,
         time_shift=preset.time_shift if a.time_shift is None else a.time_shift,
@@ -178,11 +193,28 @@ def check_request(req: GenerationRequest):
                              "`python -m stepvideo.tiny DIR`")
     tdir = transformer_dir(req)
     try:
+        if local_parts(req):
+            local_part_dirs(req)
+        if req.encoder_device != "auto":
+            resolve_device(req.encoder_device)
         check_checkpoint_dir(tdir)
         cfg = DiTConfig.from_dict(read_json(os.path.join(tdir, "config.json"), "DiT config"))
     except (CheckpointError, ValueError, TypeError) as e:
         raise PreflightError(str(e)) from e
     return cfg, notes
+
+
+def local_parts(req: GenerationRequest) -> list[str]:
+    """The model parts this job runs in-process (``--caption_url local``, ``--vae_url local``)."""
+    return (["step_llm", "hunyuan_clip"] if req.caption_url == LOCAL else []) + \
+        (["vae"] if req.vae_url == LOCAL else [])
+
+
+def local_part_dirs(req: GenerationRequest) -> dict[str, str]:
+    """Directories of the in-process parts; a CheckpointError lists every missing file."""
+    from .download import check_model_dir
+
+    return check_model_dir(req.model_dir, local_parts(req))
 
 
 def check_writable(directory: str) -> None:
@@ -201,8 +233,10 @@ def check_services(req: GenerationRequest, wait_s: float = 900.0) -> None:
     """Both services answer /health; one still loading its models is waited for."""
     from .service.client import RemoteTextEncoder, RemoteVAE, ServiceError
 
-    for flag, client in (("caption_url", RemoteTextEncoder(req.caption_url)),
-                         ("vae_url", RemoteVAE(req.vae_url))):
+    clients = [(flag, make(url)) for flag, url, make in (
+        ("caption_url", req.caption_url, RemoteTextEncoder), ("vae_url", req.vae_url, RemoteVAE))
+        if url != LOCAL]
+    for flag, client in clients:
         try:
             if client.health().get("status") != "ready":
                 client.wait_ready(timeout=wait_s)
@@ -249,8 +283,33 @@ class VideoGenerator:
         t0 = time.perf_counter()
         self.pipe = StepVideoPipeline(self._load(req), load_scheduler(req.model_dir))
         self.load_seconds = time.perf_counter() - t0
+        self.load_times = {"load_transformer": self.load_seconds}
         if self.ctx.is_main:
-            self.pipe.setup_api(req.vae_url, req.caption_url)
+            self._attach_backends(req)
+
+    def _attach_backends(self, req: GenerationRequest) -> None:
+        """Rank 0's text encoder and VAE: the service's clients, or the models in this process."""
+        from .service.client import RemoteTextEncoder, RemoteVAE
+
+        device = self.device if req.encoder_device == "auto" else resolve_device(req.encoder_device)
+        dtype = resolve_dtype(req.encoder_dtype, device)
+        dirs = local_part_dirs(req)
+        t0 = time.perf_counter()
+        if req.caption_url == LOCAL:
+            from .text_encoder.local import LocalTextEncoder
+
+            self.pipe.text_encoder = LocalTextEncoder.from_dirs(
+                dirs["step_llm"], dirs["hunyuan_clip"], dtype, device, cache_size=64)
+        else:
+            self.pipe.text_encoder = RemoteTextEncoder(req.caption_url)
+        if req.vae_url == LOCAL:
+            from .vae.local import LocalVAE
+
+            self.pipe.vae = LocalVAE.from_dir(dirs["vae"], dtype, device)
+        else:
+            self.pipe.vae = RemoteVAE(req.vae_url)
+        if local_parts(req):
+            self.load_times["load_local_models"] = time.perf_counter() - t0
 
     def _rank0_checks(self, req: GenerationRequest) -> None:
         """Output directory and services, checked by rank 0 once the groups exist; every rank
@@ -305,7 +364,7 @@ class VideoGenerator:
         stem = output_stem(req)
         frames = self._decode(x, stem)
         paths = pipe.write(frames, stem, req.denoise_filter, req.crop_540p, req.contact_sheet)
-        times = {"load_transformer": self.load_seconds, **pipe.times}
+        times = {**self.load_times, **pipe.times}
         record = sidecar(req, self, times, paths, frames.shape[1:4])
         paths["sidecar"] = write_json_atomic(stem + ".json", record)
         record["outputs"] = paths

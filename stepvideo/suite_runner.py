@@ -226,7 +226,7 @@ class BenchmarkRun:
         if last is not None and last.status == "ok" and last.outputs == outputs:
             return
         times = {k: float(v) for k, v in sidecar.get("times_s", {}).items()
-                 if k != "load_transformer"}
+                 if not k.startswith("load_")}
         times.setdefault("total", sum(times.get(k, 0.0) for k in
                                       ("text_encode", "denoise", "vae_decode", "write")))
         self._append(job, "ok", outputs=outputs, times=times, resumed=True)
@@ -265,7 +265,7 @@ class BenchmarkRun:
             self._finish(job, record, t0, position)
 
     def _finish(self, job: PromptJob, record: dict, t0: float, position: str) -> None:
-        times = {k: float(v) for k, v in record["times_s"].items() if k != "load_transformer"}
+        times = {k: float(v) for k, v in record["times_s"].items() if not k.startswith("load_")}
         check = job.check()
         times["total"] = time.perf_counter() - t0
         if not check.ok:

@@ -190,3 +190,39 @@ def test_ctrl_c_prints_one_line(service, model_dir, tmp_path):
     lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "denoising" not in l]
     assert lines == ["interrupted: no video written"], lines
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_local_encoders_match_the_service(model_dir, tmp_path):
+    """--caption_url local --vae_url local: Step-1 + CLIP and the VAE in the job's process give
+    the same video, frame for frame, as the same classes behind the service (both single-threaded,
+    same dtype)."""
+    with running_service(model_dir, "--dtype", "bfloat16", env={"OMP_NUM_THREADS": "1"}) as (_, url):
+        remote = _video(url, model_dir, tmp_path / "remote", 4)
+    args = ["--model_dir", model_dir, "--caption_url", "local", "--vae_url", "local",
+            "--encoder_dtype", "bfloat16", "--prompt", "a lighthouse in a storm",
+            "--num_frames", "17", "--height", "64", "--width", "96", "--infer_steps", "2",
+            "--seed", "4", "--save_path", str(tmp_path / "local")]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                           str(ROOT / "run_parallel.py"), *args],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = read_frames(next((tmp_path / "local").glob("*seed4*.mp4")))
+    assert np.array_equal(local, remote)
+    record = json.loads(next((tmp_path / "local").glob("*seed4*.json")).read_text())
+    assert record["settings"]["caption_url"] == "local" and "load_local_models" in record["times_s"]
+
+
+def test_local_parts_are_checked_up_front(model_dir, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial)
+    shutil.rmtree(partial / "vae")
+    base = ["--model_dir", str(partial), "--caption_url", "local", "--prompt", "x",
+            "--save_path", str(tmp_path / "o")]
+    proc = run_cli([*base, "--vae_url", "local"])
+    _one_line_error(proc, r"incomplete for step_llm, hunyuan_clip, vae: 1 file\(s\) missing")
+    assert "vae_v2.safetensors" in proc.stderr
+    base[1] = model_dir
+    _one_line_error(run_cli([*base, "--encoder_device", "cuda:7"]), r"no CUDA device is visible")
