@@ -165,14 +165,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def transformer_dir(req: GenerationRequest) -> str:
-    root = req.transformer_dir or req.model_dir
-    sub = os.path.join(root, "transformer")
-    return sub if os.path.isdir(sub) else root
+    from .layout import TRANSFORMER, part_dir
+
+    return part_dir(TRANSFORMER, req.transformer_dir or req.model_dir)
 
 
 def check_request(req: GenerationRequest, world_size: int):
     """Degrees and the checkpoint directory (the same on every rank); returns the DiTConfig."""
-    from .modules.model import DiTConfig, check_checkpoint_dir
+    from .layout import TRANSFORMER, check_part
+    from .modules.model import DiTConfig
 
     if req.infer_steps < 1:
         raise PreflightError(f"--infer_steps must be >= 1, got {req.infer_steps}")
@@ -182,8 +183,8 @@ def check_request(req: GenerationRequest, world_size: int):
                              "`python -m stepvideo.tiny DIR`")
     tdir = transformer_dir(req)
     try:
-        check_checkpoint_dir(tdir)
-        cfg = DiTConfig.from_dict(read_json(os.path.join(tdir, "config.json"), "DiT config"))
+        check_part(TRANSFORMER, tdir)
+        cfg = DiTConfig.from_dict(read_json(os.path.join(tdir, TRANSFORMER.config), "DiT config"))
         req.parallel.validate(world_size, cfg.num_attention_heads)
     except (CheckpointError, ValueError, TypeError) as e:
         raise PreflightError(str(e)) from e

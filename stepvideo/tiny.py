@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from .fileio import write_json_atomic
+from .layout import HUNYUAN_CLIP, MODEL_INDEX, SCHEDULER, STEP_LLM, TRANSFORMER, VAE
 
 CORPUS = "tiny_corpus.txt"
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -129,11 +130,11 @@ def bert_vocab(lines: list[str]) -> list[str]:
 
 
 def write_index_files(root: str) -> None:
-    write_json_atomic(os.path.join(root, "model_index.json"), {
+    write_json_atomic(os.path.join(root, MODEL_INDEX), {
         "_class_name": "StepVideoPipeline",
-        "scheduler": ["stepvideo.diffusion.scheduler", "FlowMatchDiscreteScheduler"],
-        "transformer": ["stepvideo.modules.model", "StepVideoModel"]})
-    write_json_atomic(os.path.join(root, "scheduler", "scheduler_config.json"), {
+        SCHEDULER.folder: ["stepvideo.diffusion.scheduler", "FlowMatchDiscreteScheduler"],
+        TRANSFORMER.folder: ["stepvideo.modules.model", "StepVideoModel"]})
+    write_json_atomic(os.path.join(root, SCHEDULER.folder, SCHEDULER.config), {
         "_class_name": "FlowMatchDiscreteScheduler", "num_train_timesteps": 1000,
         "reverse": False, "solver": "euler"})
 
@@ -146,7 +147,8 @@ def write_transformer(root: str, sizes: TinySizes, gen: torch.Generator) -> None
                            num_layers=sizes.dit_layers,
                            caption_channels=[sizes.llm_hidden, sizes.clip_hidden])
     init_like_kit(model, gen)
-    model.save_pretrained(os.path.join(root, "transformer"), num_shards=2, dtype=torch.bfloat16)
+    model.save_pretrained(os.path.join(root, TRANSFORMER.folder), num_shards=2,
+                          dtype=torch.bfloat16)
 
 
 def write_step_llm(root: str, sizes: TinySizes, gen: torch.Generator, lines: list[str]) -> None:
@@ -163,7 +165,7 @@ def write_step_llm(root: str, sizes: TinySizes, gen: torch.Generator, lines: lis
         sp_path = os.path.join(tmp, "tokenizer.model")
         with open(sp_path, "wb") as f:
             f.write(sp_model)
-        write_step1_dir(os.path.join(root, "step_llm"), dataclasses.asdict(config),
+        write_step1_dir(os.path.join(root, STEP_LLM.folder), dataclasses.asdict(config),
                         _bf16(model.state_dict()), sp_path, num_shards=2)
 
 
@@ -179,7 +181,7 @@ def write_hunyuan_clip(root: str, sizes: TinySizes, gen: torch.Generator,
               "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     model = build_bert(config, device="cpu")
     init_like_kit(model, gen)
-    write_clip_dir(os.path.join(root, "hunyuan_clip"), config, model.state_dict(), vocab)
+    write_clip_dir(os.path.join(root, HUNYUAN_CLIP.folder), config, model.state_dict(), vocab)
 
 
 def write_vae(root: str, sizes: TinySizes, gen: torch.Generator) -> None:
@@ -190,10 +192,10 @@ def write_vae(root: str, sizes: TinySizes, gen: torch.Generator) -> None:
                        decoder_ch_mult=sizes.vae_mult)
     model = AutoencoderKL.from_config(config)
     init_like_kit(model, gen)
-    vae_dir = os.path.join(root, "vae")
+    vae_dir = os.path.join(root, VAE.folder)
     os.makedirs(vae_dir, exist_ok=True)
-    save_file(_bf16(state_dict_for_checkpoint(model)), os.path.join(vae_dir, "vae_v2.safetensors"))
-    write_json_atomic(os.path.join(vae_dir, "config.json"), config.to_dict())
+    save_file(_bf16(state_dict_for_checkpoint(model)), os.path.join(vae_dir, VAE.single))
+    write_json_atomic(os.path.join(vae_dir, VAE.config), config.to_dict())
 
 
 def write_tiny_model(directory: str, seed: int = 0, sizes: TinySizes = TinySizes()) -> str:

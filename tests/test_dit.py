@@ -197,13 +197,16 @@ def test_truncated_shard_is_reported(ckpt):
 
 
 def test_missing_shard_and_directory(ckpt, tmp_path):
-    sorted(ckpt.glob("*.safetensors"))[0].unlink()
-    with pytest.raises(CheckpointError, match=r"incomplete: the index lists 3 shard\(s\) but 1 are missing"):
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"incomplete: 1 file\(s\) missing: \S*{shard.name}\. "
+                                              r"Fix: `python -m stepvideo.download"):
         StepVideoModel.from_pretrained(str(ckpt))
     with pytest.raises(CheckpointError, match="does not exist"):
         StepVideoModel.from_pretrained(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match=r"2 file\(s\) missing: \S*empty/config.json, "
+                                              r"\S*empty/diffusion_pytorch_model.safetensors.index.json"):
         StepVideoModel.from_pretrained(str(tmp_path / "empty"))
 
 

@@ -252,3 +252,25 @@ def test_missing_index_is_reported(tiny_dir, tmp_path):
     os.remove(broken / "transformer" / "diffusion_pytorch_model.safetensors.index.json")
     assert missing_files(str(broken), ["transformer"]) == [
         str(broken / "transformer" / "diffusion_pytorch_model.safetensors.index.json")]
+
+
+def test_loaders_and_downloader_share_one_check(tiny_dir, tmp_path):
+    """A loader names every missing file of its part (before reading weights), exactly those the
+    downloader's check lists, with the same fix."""
+    from stepvideo.text_encoder.stepllm import STEP1TextEncoder
+
+    broken = tmp_path / "partial"
+    shutil.copytree(tiny_dir, broken)
+    for rel in ("step_llm/model-00001-of-00002.safetensors", "step_llm/step1_chat_tokenizer.model"):
+        os.remove(broken / rel)
+    expected = missing_files(str(broken), ["step_llm"])
+    assert len(expected) == 2
+    with pytest.raises(CheckpointError) as err:
+        STEP1TextEncoder(str(broken))          # the model root: the part folder is found in it
+    message = str(err.value)
+    assert "\n" not in message and f"2 file(s) missing: {', '.join(expected)}." in message
+    assert f"python -m stepvideo.download {broken}`" in message
+    out = subprocess.run([sys.executable, "-m", "stepvideo.download", str(broken), "--check",
+                          "--parts", "step_llm"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 1 and f"2 file(s) missing: {', '.join(expected)}." in out.stderr

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..fileio import write_json_atomic
-from ..weights import (CheckpointError, find_weight_files, load_safetensors, load_state_dict_strict,
-                       read_json, save_sharded)
+from ..layout import TRANSFORMER, check_part, part_dir
+from ..weights import load_safetensors, load_state_dict_strict, read_json, save_sharded
 from .attention import LocalPlan, SequencePlan, attention
 from .layers import RMSNorm, modulate, timestep_sinusoid
 from .rope import ROPE_SPLIT, Rope, apply_rope, rope_tables
@@ -237,10 +237,10 @@ class StepVideoModel(nn.Module):
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "StepVideoModel":
         """Load ``model_dir`` (the ``transformer/`` folder, or a model root holding one)."""
-        if os.path.isdir(os.path.join(model_dir, "transformer")):
-            model_dir = os.path.join(model_dir, "transformer")
-        files = check_checkpoint_dir(model_dir)
-        cfg = DiTConfig.from_dict(read_json(os.path.join(model_dir, "config.json"), "DiT config"))
+        model_dir = part_dir(TRANSFORMER, model_dir)
+        files = check_part(TRANSFORMER, model_dir)
+        cfg = DiTConfig.from_dict(read_json(os.path.join(model_dir, TRANSFORMER.config),
+                                            "DiT config"))
         with torch.device("meta"):
             model = cls(config=cfg)
         state = load_safetensors(files, dtype=dtype, device=device)
@@ -253,10 +253,10 @@ class StepVideoModel(nn.Module):
         os.makedirs(transformer_dir, exist_ok=True)
         cfg = dataclasses.asdict(self.config)
         cfg["caption_channels"] = list(cfg["caption_channels"])
-        write_json_atomic(os.path.join(transformer_dir, "config.json"),
+        write_json_atomic(os.path.join(transformer_dir, TRANSFORMER.config),
                           {"_class_name": "StepVideoModel", **cfg})
-        save_sharded(self.state_dict(), transformer_dir, DIT_INDEX,
-                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", num_shards, dtype)
+        save_sharded(self.state_dict(), transformer_dir, TRANSFORMER.index, TRANSFORMER.shard_name,
+                     num_shards, dtype)
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` every block in place: fuses the element-wise work around the matmuls
@@ -329,17 +329,3 @@ class StepVideoModel(nn.Module):
             raise ValueError(f"encoder_hidden_states_2 must be ({x.shape[0]}, L, {clip_dim}), "
                              f"got {tuple(clip.shape)}")
 
-
-DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-DIT_SINGLE = "diffusion_pytorch_model.safetensors"
-
-
-def check_checkpoint_dir(transformer_dir: str) -> list[str]:
-    """The weight files of a complete ``transformer/`` directory, or a CheckpointError."""
-    if not os.path.isdir(transformer_dir):
-        raise CheckpointError(f"DiT directory {transformer_dir} does not exist; pass --model_dir "
-                              "pointing at the downloaded stepvideo-t2v folder")
-    if not os.path.isfile(os.path.join(transformer_dir, "config.json")):
-        raise CheckpointError(f"{transformer_dir} has no config.json; it is not a transformer/ "
-                              "folder of the official layout")
-    return find_weight_files(transformer_dir, DIT_INDEX, DIT_SINGLE)

@@ -26,14 +26,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from stepvideo.fileio import write_json_atomic
+from stepvideo.layout import STEP1_TOKENIZER, STEP_LLM, check_part, part_dir
 from stepvideo.modules.layers import RMSNorm
-from stepvideo.weights import (CheckpointError, find_weight_files, load_safetensors,
-                               load_state_dict_strict, read_json, save_sharded)
-
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILE = "step1_chat_tokenizer.model"
+from stepvideo.weights import (CheckpointError, load_safetensors, load_state_dict_strict, read_json,
+                               save_sharded)
 
 BOS_ID = 1
 EOS_ID = 2
@@ -319,8 +315,8 @@ class StepTokenizer:
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
-            raise CheckpointError(f"Step-1 tokenizer {model_path} does not exist; the step_llm "
-                                  f"directory must contain {TOKENIZER_FILE}.")
+            raise CheckpointError(f"Step-1 tokenizer {model_path} does not exist; the "
+                                  f"{STEP_LLM.folder} directory must contain {STEP1_TOKENIZER}.")
         import sentencepiece
 
         self.model_path = model_path
@@ -341,10 +337,12 @@ class StepTokenizer:
 
 def load_step1_model(model_dir: str, dtype: torch.dtype = torch.float32,
                      device: "str | torch.device" = "cpu", attn_backend: str = "sdpa") -> Step1Model:
-    """Build Step1Model from ``model_dir/config.json`` on meta and load the shards strictly."""
-    config = Step1Config.from_dict(read_json(os.path.join(model_dir, CONFIG_FILE),
+    """Build Step1Model from ``model_dir/config.json`` on meta and load the shards strictly
+    (``model_dir``: the ``step_llm/`` folder or a model root holding one)."""
+    model_dir = part_dir(STEP_LLM, model_dir)
+    files = check_part(STEP_LLM, model_dir)
+    config = Step1Config.from_dict(read_json(os.path.join(model_dir, STEP_LLM.config),
                                              "Step-1 config"))
-    files = find_weight_files(model_dir, INDEX_FILE, SINGLE_FILE)
     with torch.device("meta"):
         model = Step1Model(config, attn_backend=attn_backend)
     state = load_safetensors(files, dtype=dtype, device=device)
@@ -358,7 +356,9 @@ class STEP1TextEncoder(nn.Module):
     def __init__(self, model_dir: str, max_length: int = 320, dtype: torch.dtype = torch.float32,
                  device: "str | torch.device" = "cpu", attn_backend: str = "sdpa"):
         super().__init__()
-        tokenizer = StepTokenizer(os.path.join(model_dir, TOKENIZER_FILE))  # fail before loading
+        model_dir = part_dir(STEP_LLM, model_dir)
+        check_part(STEP_LLM, model_dir)  # every missing file named before anything is read
+        tokenizer = StepTokenizer(os.path.join(model_dir, STEP1_TOKENIZER))
         self._setup(load_step1_model(model_dir, dtype, device, attn_backend), tokenizer,
                     max_length)
 
@@ -399,10 +399,10 @@ def write_step1_dir(path: str, config: "Step1Config | Mapping[str, Any]",
     os.makedirs(path, exist_ok=True)
     config_dict = (dataclasses.asdict(config) if isinstance(config, Step1Config)
                    else dict(config))
-    write_json_atomic(os.path.join(path, CONFIG_FILE), config_dict)
-    shutil.copyfile(tokenizer_model_path, os.path.join(path, TOKENIZER_FILE))
+    write_json_atomic(os.path.join(path, STEP_LLM.config), config_dict)
+    shutil.copyfile(tokenizer_model_path, os.path.join(path, STEP1_TOKENIZER))
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     if num_shards == 1:
-        save_file(tensors, os.path.join(path, SINGLE_FILE))
+        save_file(tensors, os.path.join(path, STEP_LLM.single))
         return
-    save_sharded(tensors, path, INDEX_FILE, "model-{i:05d}-of-{n:05d}.safetensors", num_shards)
+    save_sharded(tensors, path, STEP_LLM.index, STEP_LLM.shard_name, num_shards)

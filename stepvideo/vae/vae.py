@@ -22,15 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepvideo.weights import (CheckpointError, load_safetensors, load_state_dict_strict,
-                               rename_keys)
+from stepvideo.layout import VAE, check_part, part_dir
+from stepvideo.weights import load_safetensors, load_state_dict_strict, rename_keys
 
 FRAMES_PER_CHUNK = 17        # video frames per independent chunk
 LATENTS_PER_CHUNK = 3        # latent frames per chunk
 SPATIAL_FACTOR = 16          # pixels per latent pixel (each side)
 NORM_GROUPS = 32
 SEAM_KEEP = 0.6              # chunk blend: new = 0.6 * itself + 0.4 * neighbour
-CHECKPOINT_FILE = "vae_v2.safetensors"
 
 # Released-checkpoint prefix -> module prefix. The release stores the last decoder conv as
 # `decoder.conv_out.*`; here (as in the release's modules) it is a causal conv with a `.conv` child.
@@ -594,19 +593,13 @@ class AutoencoderKL(nn.Module):
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """The checkpoint file for ``path``: the file itself, ``path/vae_v2.safetensors`` or
-    ``path/vae/vae_v2.safetensors``."""
+    """The checkpoint file for ``path``: the file itself, or ``vae_v2.safetensors`` of a ``vae/``
+    folder or of a model root holding one (stepvideo.layout)."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
-    if os.path.isdir(path):
-        for candidate in (os.path.join(path, CHECKPOINT_FILE),
-                          os.path.join(path, "vae", CHECKPOINT_FILE)):
-            if os.path.isfile(candidate):
-                return candidate
-        raise CheckpointError(f"{path} holds no {CHECKPOINT_FILE} (nor vae/{CHECKPOINT_FILE}); "
-                              "pass the model directory, its vae/ directory or the file itself.")
-    raise CheckpointError(f"VAE checkpoint {path} does not exist.")
+    (file,) = check_part(VAE, part_dir(VAE, path))
+    return file
 
 
 def resolve_config(file: str, config: VAEConfig | Mapping | None) -> VAEConfig:
@@ -614,7 +607,7 @@ def resolve_config(file: str, config: VAEConfig | Mapping | None) -> VAEConfig:
         return config
     if config is not None:
         return VAEConfig.from_dict(config)
-    side = os.path.join(os.path.dirname(file), "config.json")
+    side = os.path.join(os.path.dirname(file), VAE.config)
     return VAEConfig.from_json(side) if os.path.isfile(side) else VAEConfig()
 
 
