@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from conformance import assert_close, load_json, load_tensors
 from stepvideo.modules.layers import timestep_sinusoid
-from stepvideo.modules.model import DiTConfig, StepVideoModel
+from stepvideo.modules.model import PRESETS, DiTConfig, StepVideoModel
 from stepvideo.modules.rope import Rope, apply_rope, rope_tables
 from stepvideo.weights import CheckpointError, load_state_dict_strict
 
@@ -137,6 +137,7 @@ def test_full_size_keys_match_manifest():
     assert ours == theirs
     assert sum(v.numel() for v in m.state_dict().values()) == manifest["num_params"]
     assert len(ours) == manifest["num_keys"]
+    assert m.config == PRESETS["base"] == DiTConfig()   # the defaults are the released model
 
 
 # --- loading from the official layout -------------------------------------------------------

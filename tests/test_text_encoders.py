@@ -17,7 +17,9 @@ import pytest
 import torch
 from conformance import assert_close, kit_dir, load_json, load_tensors
 
+from stepvideo.text_encoder.clip import PRESETS as CLIP_PRESETS
 from stepvideo.text_encoder.clip import HunyuanClip, build_bert, write_clip_dir
+from stepvideo.text_encoder.stepllm import PRESETS as STEP1_PRESETS
 from stepvideo.text_encoder.stepllm import (STEP1TextEncoder, SqrtAlibiAttention, Step1Config,
                                             Step1Model, StepTokenizer, alibi_slopes,
                                             pad_token_ids, sqrt_alibi_bias, write_step1_dir)
@@ -204,6 +206,7 @@ def test_step1_full_size_manifest_on_meta():
     assert got == [(k["name"], k["shape"]) for k in manifest["keys"]]
     assert len(got) == manifest["num_keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    assert model.config == STEP1_PRESETS["step1"] == Step1Config()   # defaults = the release
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,3 +343,5 @@ def test_clip_full_size_manifest_on_meta():
     assert got == [(k["name"], k["shape"]) for k in manifest["keys"]]
     assert len(got) == manifest["num_keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    base = CLIP_PRESETS["base"].to_dict()
+    assert {k: base[k] for k in manifest["config"]} == manifest["config"]

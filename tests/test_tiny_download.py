@@ -274,3 +274,31 @@ def test_loaders_and_downloader_share_one_check(tiny_dir, tmp_path):
                           "--parts", "step_llm"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)
     assert out.returncode == 1 and f"2 file(s) missing: {', '.join(expected)}." in out.stderr
+
+
+def test_tiny_model_is_the_presets(tiny_dir):
+    """Every part of the tiny model has its module's PRESETS["tiny"] shapes, and they must fit."""
+    import dataclasses
+    import json
+
+    from stepvideo.modules.model import PRESETS as DIT, DiTConfig
+    from stepvideo.text_encoder.clip import PRESETS as CLIP
+    from stepvideo.text_encoder.stepllm import PRESETS as STEP1, Step1Config
+    from stepvideo.tiny import TinySizes
+    from stepvideo.vae.vae import PRESETS as VAE, VAEConfig
+
+    def read(rel):
+        return json.loads(Path(tiny_dir, rel).read_text(encoding="utf-8"))
+
+    assert DiTConfig.from_dict(read("transformer/config.json")) == DIT["tiny"]
+    assert Step1Config.from_dict(read("step_llm/config.json")) == STEP1["tiny"]
+    assert VAEConfig.from_dict(read("vae/config.json")) == VAE["tiny"]
+    clip = read("hunyuan_clip/clip_text_encoder/config.json")
+    assert {k: clip[k] for k in CLIP["tiny"].to_dict()} == CLIP["tiny"].to_dict()
+    vocab = Path(tiny_dir, "hunyuan_clip/tokenizer/vocab.txt").read_text(encoding="utf-8")
+    assert len(vocab.splitlines()) == CLIP["tiny"].vocab_size
+    assert TinySizes().z_channels == VAE["tiny"].z_channels
+    with pytest.raises(ValueError, match=r"caption_channels \[128, 64\] must be .* \[256, 64\]"):
+        TinySizes(step1=dataclasses.replace(STEP1["tiny"], hidden_size=256))
+    with pytest.raises(ValueError, match=r"in/out channels \(16, 16\) .* z_channels 8"):
+        TinySizes(vae=dataclasses.replace(VAE["tiny"], z_channels=8))

@@ -68,6 +68,20 @@ class DiTConfig:
                             f"transformer/config.json: {sorted(known)}")
         return cls(**{k: v for k, v in cfg.items() if k in known})
 
+    def to_dict(self) -> dict:
+        """The ``transformer/config.json`` keywords."""
+        d = dataclasses.asdict(self)
+        return {**d, "caption_channels": list(d["caption_channels"])}
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "base": DiTConfig(),   # the released 30B model (Turbo has the same shapes)
+    # The tiny model's DiT (stepvideo.tiny): caption_channels are the tiny Step-1 and CLIP widths,
+    # in/out channels the tiny VAE's latent width.
+    "tiny": dataclasses.replace(DiTConfig(), num_attention_heads=4, num_layers=2, in_channels=16,
+                                out_channels=16, caption_channels=(128, 64)),
+}
+
 
 class TimestepEmbedding(nn.Module):
     def __init__(self, dim: int):
@@ -207,7 +221,8 @@ class DiTBlock(nn.Module):
 
 
 class StepVideoModel(nn.Module):
-    """The DiT. Keywords are the keys of ``transformer/config.json``.
+    """The DiT. Keywords are the keys of ``transformer/config.json`` (as in the release);
+    :meth:`from_config` builds one from a :class:`DiTConfig`.
 
     ``forward(hidden_states (B,F,C,H,W), timestep (B,) in [0,1], encoder_hidden_states (B,Ly,6144),
     encoder_hidden_states_2 (B,Lc,1024), encoder_attention_mask (B, Lc+Ly))`` predicts the
@@ -216,8 +231,7 @@ class StepVideoModel(nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        cfg = config.pop("config", None) or DiTConfig.from_dict(config)
-        self.config = cfg
+        self.config = cfg = DiTConfig.from_dict(config)
         dim = cfg.inner_dim
         llm_dim, clip_dim = cfg.caption_channels
         self.pos_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, dim)
@@ -231,6 +245,10 @@ class StepVideoModel(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.patch_size ** 2 * cfg.out_channels)
         self.plan = LocalPlan()
 
+    @classmethod
+    def from_config(cls, cfg: DiTConfig) -> "StepVideoModel":
+        return cls(**cfg.to_dict())
+
     # --- loading -------------------------------------------------------------------------
 
     @classmethod
@@ -242,7 +260,7 @@ class StepVideoModel(nn.Module):
         cfg = DiTConfig.from_dict(read_json(os.path.join(model_dir, TRANSFORMER.config),
                                             "DiT config"))
         with torch.device("meta"):
-            model = cls(config=cfg)
+            model = cls.from_config(cfg)
         state = load_safetensors(files, dtype=dtype, device=device)
         load_state_dict_strict(model, state, what=f"DiT checkpoint {model_dir}")
         return model.eval()
@@ -251,10 +269,8 @@ class StepVideoModel(nn.Module):
                         dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` + sharded safetensors + index in the official layout."""
         os.makedirs(transformer_dir, exist_ok=True)
-        cfg = dataclasses.asdict(self.config)
-        cfg["caption_channels"] = list(cfg["caption_channels"])
         write_json_atomic(os.path.join(transformer_dir, TRANSFORMER.config),
-                          {"_class_name": "StepVideoModel", **cfg})
+                          {"_class_name": "StepVideoModel", **self.config.to_dict()})
         save_sharded(self.state_dict(), transformer_dir, TRANSFORMER.index, TRANSFORMER.shard_name,
                      num_shards, dtype)
 

@@ -8,8 +8,10 @@ Prompts are padded to max_length (77) and truncated; no token_type_ids are passe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -30,6 +32,44 @@ _PREFIX = "bert."
 # buffer, and pre-training heads live under "cls.". They are dropped (and logged), nothing else.
 _DROPPED_KEYS = ("embeddings.position_ids",)
 _DROPPED_PREFIXES = ("cls.",)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The BertConfig keys of ``hunyuan_clip/clip_text_encoder/config.json`` that set the shapes.
+    Defaults: the released text tower. hidden_size 1024 is certain (the DiT's caption_channels[1]);
+    the rest is BERT-large with HunyuanDiT's bilingual vocab, as the conformance manifest assumes."""
+
+    vocab_size: int = 47020
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.max_position_embeddings < 77:
+            raise ValueError(f"max_position_embeddings {self.max_position_embeddings} is below the "
+                             "77 tokens HunyuanClip encodes")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, ClipConfig] = {
+    "base": ClipConfig(),
+    # The tiny model's CLIP (stepvideo.tiny); its vocab.txt is padded with [unused] tokens to
+    # vocab_size, as BERT vocabularies are.
+    "tiny": dataclasses.replace(ClipConfig(), vocab_size=2048, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=128,
+                                max_position_embeddings=128),
+}
 
 
 def build_bert(config: "BertConfig | Mapping[str, Any]",

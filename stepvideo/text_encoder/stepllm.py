@@ -95,10 +95,11 @@ class Step1Config:
 
 
 PRESETS: dict[str, Step1Config] = {
-    "step1": Step1Config(),
-    # A few hundred thousand parameters: for tests and the CPU demo.
-    "tiny": Step1Config(hidden_size=64, num_layers=2, num_attention_heads=4,
-                        num_attention_groups=2, ffn_hidden_size=128, padded_vocab_size=512),
+    "step1": Step1Config(),   # the released model
+    # The tiny model's Step-1 (stepvideo.tiny): 0.8 M parameters, multi-query attention.
+    "tiny": dataclasses.replace(Step1Config(), hidden_size=128, num_layers=2,
+                                num_attention_heads=2, num_attention_groups=1,
+                                ffn_hidden_size=256, padded_vocab_size=1024),
 }
 
 

@@ -98,14 +98,22 @@ class VAEConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "VAEConfig":
-        """A 3.5 M-parameter VAE (the conformance kit's small widths) for tests and demos."""
-        base = cls(z_channels=4, encoder_ch=32, encoder_ch_mult=(1, 1, 2, 1),
-                   decoder_ch=32, decoder_ch_mult=(1, 1, 2, 1))
-        return dataclasses.replace(base, **overrides)
+        """``PRESETS["tiny"]``, with ``overrides`` replaced."""
+        return dataclasses.replace(PRESETS["tiny"], **overrides)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+PRESETS: dict[str, VAEConfig] = {
+    "base": VAEConfig(),   # the released vae_v2.safetensors
+    # The tiny model's VAE (stepvideo.tiny). GroupNorm needs widths that are multiples of 32, and
+    # the decoder's top width (32 x 2) must hold 4 x z_channels.
+    "tiny": dataclasses.replace(VAEConfig(), z_channels=16, num_res_blocks=1, encoder_ch=32,
+                                encoder_ch_mult=(1, 1, 2, 2), decoder_ch=32,
+                                decoder_ch_mult=(1, 1, 2, 2)),
+}
 
 
 # --------------------------------------------------------------------------------------------
