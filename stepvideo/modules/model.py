@@ -37,7 +37,7 @@ class DiTConfig:
     num_layers: int = 48
     patch_size: int = 1
     norm_eps: float = 1e-6
-    norm_elementwise_affine: bool = False
+    norm_elementwise_affine: bool = False   # weight and bias on caption_norm and norm_out
     use_additional_conditions: bool = False
     caption_channels: tuple[int, int] = (6144, 1024)
 
@@ -236,11 +236,13 @@ class StepVideoModel(nn.Module):
         llm_dim, clip_dim = cfg.caption_channels
         self.pos_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, dim)
         self.adaln_single = AdaLNSingle(dim)
-        self.caption_norm = nn.LayerNorm(llm_dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.caption_norm = nn.LayerNorm(llm_dim, eps=cfg.norm_eps,
+                                         elementwise_affine=cfg.norm_elementwise_affine)
         self.caption_projection = CaptionProjection(llm_dim, dim)
         self.clip_projection = nn.Linear(clip_dim, dim)
         self.transformer_blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm_out = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.norm_out = nn.LayerNorm(dim, eps=cfg.norm_eps,
+                                     elementwise_affine=cfg.norm_elementwise_affine)
         self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
         self.proj_out = nn.Linear(dim, cfg.patch_size ** 2 * cfg.out_channels)
         self.plan = LocalPlan()
