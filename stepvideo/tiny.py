@@ -33,7 +33,9 @@ from .fileio import write_json_atomic
 from .layout import HUNYUAN_CLIP, MODEL_INDEX, SCHEDULER, STEP_LLM, TRANSFORMER, VAE
 from .modules.model import PRESETS as DIT_PRESETS, DiTConfig, StepVideoModel
 from .text_encoder.clip import PRESETS as CLIP_PRESETS, ClipConfig, build_bert, write_clip_dir
-from .text_encoder.stepllm import PRESETS as STEP1_PRESETS, Step1Config, Step1Model, write_step1_dir
+from .text_encoder.stepllm import (BOS_ID, CONTROL_TOKENS, EOS_ID, MASK_TOKENS,
+                                   PRESETS as STEP1_PRESETS, Step1Config, Step1Model,
+                                   write_step1_dir)
 from .vae.vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, state_dict_for_checkpoint
 
 CORPUS = "tiny_corpus.txt"
@@ -108,16 +110,19 @@ def _bf16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 def train_sentencepiece(lines: list[str], vocab_size: int) -> bytes:
-    """A unigram sentencepiece model (unk 0, bos 1, eos 2, no pad) trained deterministically:
-    one thread, corpus in order, no sampling, every character kept."""
+    """A unigram sentencepiece model with the released tokenizer's special pieces (unk 0, bos 1,
+    eos 2, no pad; CONTROL_TOKENS as control pieces, MASK_TOKENS as user-defined ones) and at most
+    ``vocab_size`` pieces, trained deterministically: one thread, corpus in order, no sampling,
+    every character kept."""
     import sentencepiece as spm
 
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
         model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, num_threads=1,
-        shuffle_input_sentence=False, input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2)
+        shuffle_input_sentence=False, input_sentence_size=0, unk_id=0, bos_id=BOS_ID,
+        eos_id=EOS_ID, pad_id=-1, control_symbols=list(CONTROL_TOKENS),
+        user_defined_symbols=list(MASK_TOKENS), minloglevel=2)
     return out.getvalue()
 
 

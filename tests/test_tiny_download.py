@@ -302,3 +302,28 @@ def test_tiny_model_is_the_presets(tiny_dir):
         TinySizes(step1=dataclasses.replace(STEP1["tiny"], hidden_size=256))
     with pytest.raises(ValueError, match=r"in/out channels \(16, 16\) .* z_channels 8"):
         TinySizes(vae=dataclasses.replace(VAE["tiny"], z_channels=8))
+
+
+def test_tiny_step_llm_is_a_faithful_miniature(tiny_dir):
+    """step_llm/config.json carries every key of the published config (the release's loader reads
+    e.g. params_dtype), and the tokenizer passes the release's StepChatTokenizer checks: the six
+    control pieces are special (control), the mask markers exist, BOS 1 and EOS 2."""
+    import json
+
+    import sentencepiece
+
+    from stepvideo.text_encoder.stepllm import BOS_ID, CONTROL_TOKENS, EOS_ID, MASK_TOKENS
+
+    published = json.loads((Path(os.environ["STEPVIDEO_CONFORMANCE_DIR"])
+                            / "manifest_step1_full.json").read_text(encoding="utf-8"))["config"]
+    config = json.loads(Path(tiny_dir, "step_llm/config.json").read_text(encoding="utf-8"))
+    assert set(published) <= set(config), sorted(set(published) - set(config))
+    assert all(type(config[k]) is type(published[k]) for k in published)
+    sp = sentencepiece.SentencePieceProcessor(
+        model_file=os.path.join(tiny_dir, "step_llm", "step1_chat_tokenizer.model"))
+    special = {sp.id_to_piece(i) for i in range(sp.get_piece_size())
+               if sp.is_control(i) or sp.is_unknown(i)}
+    vocab = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    assert set(CONTROL_TOKENS) <= special and set(MASK_TOKENS) <= vocab
+    assert (sp.bos_id(), sp.eos_id(), sp.unk_id()) == (BOS_ID, EOS_ID, 0)
+    assert sp.get_piece_size() <= config["padded_vocab_size"]

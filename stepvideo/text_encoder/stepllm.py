@@ -34,6 +34,13 @@ from stepvideo.weights import (CheckpointError, load_safetensors, load_state_dic
 BOS_ID = 1
 EOS_ID = 2
 PAD_ID = 2  # the same id as EOS
+# Special pieces of the released step1_chat_tokenizer.model, as the release's StepChatTokenizer
+# checks them on load: these are control pieces (never produced from text) ...
+CONTROL_TOKENS = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>",
+                  "<|THINK_END|>")
+# ... and these two are only required to be in the vocabulary.
+MASK_TOKENS = ("<|MASK_1e69f|>", "<|UNMASK_1e69f|>")
+PARAMS_DTYPES = ("bfloat16", "float16", "float32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +49,14 @@ PAD_ID = 2  # the same id as EOS
 
 @dataclass(frozen=True)
 class Step1Config:
-    """`step_llm/config.json` fields the model needs; defaults are the released model."""
+    """Every key of the published `step_llm/config.json`; defaults are the released model.
+
+    The last seven do not change inference here: seq_length (no position embeddings: ALiBi),
+    use_flash_attn (the kernel choice), the dropouts (off in eval), params_dtype (the loader's
+    ``dtype`` decides; the release runs in bf16), embedding_weights_in_fp32 (a float32 embedding
+    lookup of the same weights gives the same values). fp32_residual_connection=True (a float32
+    residual stream) is not implemented and is refused.
+    """
 
     hidden_size: int = 6144
     num_layers: int = 48
@@ -51,6 +65,13 @@ class Step1Config:
     ffn_hidden_size: int = 16896
     padded_vocab_size: int = 65536
     layernorm_epsilon: float = 1e-5
+    seq_length: int = 16384
+    use_flash_attn: bool = True
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    params_dtype: str = "bfloat16"
+    fp32_residual_connection: bool = False
+    embedding_weights_in_fp32: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_attention_heads", "num_attention_groups",
@@ -66,6 +87,11 @@ class Step1Config:
                              f"num_attention_groups {self.num_attention_groups}")
         if not self.layernorm_epsilon > 0:
             raise ValueError(f"layernorm_epsilon must be > 0, got {self.layernorm_epsilon}")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"params_dtype {self.params_dtype!r} is not one of {list(PARAMS_DTYPES)}")
+        if self.fp32_residual_connection:
+            raise ValueError("fp32_residual_connection=true (a float32 residual stream) is not "
+                             "supported; the released step_llm/config.json has false")
 
     @property
     def head_dim(self) -> int:
@@ -78,8 +104,8 @@ class Step1Config:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Step1Config":
-        """Build from a config.json dict; other official keys (seq_length, use_flash_attn, ...)
-        are ignored because they do not change the inference graph."""
+        """Build from a config.json dict; keys that are not fields are ignored (as the release's
+        PretrainedConfig keeps them without effect)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
