@@ -29,9 +29,9 @@ from .weights import CheckpointError
 BASE_REPO = "stepfun-ai/stepvideo-t2v"
 TURBO_REPO = "stepfun-ai/stepvideo-t2v-turbo"
 
-PARTS = tuple(layout.PARTS)                           # transformer, scheduler, step_llm, ...
-SERVICE_PARTS = ("step_llm", "hunyuan_clip", "vae")   # what api/call_remote_server.py hosts
-DIT_PARTS = ("transformer", "scheduler")              # what the DiT ranks load
+PARTS = tuple(layout.PARTS)          # transformer, scheduler, step_llm, hunyuan_clip, vae
+SERVICE_PARTS = tuple(p.folder for p in (layout.STEP_LLM, layout.HUNYUAN_CLIP, layout.VAE))
+DIT_PARTS = (layout.TRANSFORMER.folder, layout.SCHEDULER.folder)   # what the DiT ranks load
 IGNORE_PATTERNS = (f"{layout.LIB_FOLDER}/*", "*.so", f"{layout.VAE.folder}/{layout.VAE_V1_WEIGHTS}")
 
 

@@ -108,18 +108,12 @@ def missing_part_files(part: Part, directory: str) -> list[str]:
     return missing
 
 
-def weight_files(part: Part, directory: str) -> list[str]:
-    """The weight files a complete part folder is read from: the shards of its index, else the
-    first present alternative."""
-    for name in part.weights:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            if name == part.index:
-                return index_shards(path)
-            return [path]
-    raise CheckpointError(incomplete_message(f"{part.folder} directory {directory}",
-                                             [os.path.join(directory, part.weights[0])],
-                                             _root_of(part, directory)))
+def _weight_files(part: Part, directory: str) -> list[str]:
+    """The files a checked part folder's weights are read from: the shards its index lists, else
+    the first present alternative."""
+    name = next(w for w in part.weights if os.path.isfile(os.path.join(directory, w)))
+    path = os.path.join(directory, name)
+    return index_shards(path) if name == part.index else [path]
 
 
 def check_part(part: Part, directory: str) -> list[str]:
@@ -133,7 +127,7 @@ def check_part(part: Part, directory: str) -> list[str]:
     if missing:
         raise CheckpointError(incomplete_message(f"{part.folder} directory {directory}", missing,
                                                  _root_of(part, directory)))
-    return weight_files(part, directory) if part.weights else []
+    return _weight_files(part, directory) if part.weights else []
 
 
 def part_dirs_for(model_dir: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
