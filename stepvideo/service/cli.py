@@ -16,8 +16,8 @@ import sys
 from .protocol import DEFAULT_PORT, MAX_LATENT_ELEMENTS, TOKEN_ENV
 from .server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_THREADS,
                      ServerOptions, ServiceConfigError, run_server)
-from ..layout import HUNYUAN_CLIP, STEP_LLM, VAE
 from ..weights import CheckpointError
+from ..layout import HUNYUAN_CLIP, STEP_LLM, VAE
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
