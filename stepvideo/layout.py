@@ -125,8 +125,8 @@ def check_part(part: Part, directory: str) -> list[str]:
                               f"{fix_hint(_root_of(part, directory))}")
     missing = missing_part_files(part, directory)
     if missing:
-        raise CheckpointError(incomplete_message(f"{part.folder} directory {directory}", missing,
-                                                 _root_of(part, directory)))
+        raise CheckpointError(incomplete_message(f"{part.folder} directory {directory} is "
+                                                 "incomplete", missing, _root_of(part, directory)))
     return _weight_files(part, directory) if part.weights else []
 
 
@@ -154,7 +154,7 @@ def check_model_dir(model_dir: str, parts: Sequence[str] = tuple(PARTS),
     missing = missing_files(model_dir, parts, part_dirs)
     if missing:
         raise CheckpointError(incomplete_message(
-            f"model directory {model_dir} ({', '.join(parts)})", missing, model_dir))
+            f"model directory {model_dir} is incomplete for {', '.join(parts)}", missing, model_dir))
     dirs = part_dirs_for(model_dir, part_dirs)
     return {name: dirs[name] for name in parts}
 
@@ -180,4 +180,4 @@ def incomplete_message(what: str, missing: Sequence[str], root: str, limit: int 
     shown = ", ".join(missing[:limit])
     if len(missing) > limit:
         shown += f", ... ({len(missing) - limit} more)"
-    return f"{what} is incomplete: {len(missing)} file(s) missing: {shown}. {fix_hint(root)}"
+    return f"{what}: {len(missing)} file(s) missing: {shown}. {fix_hint(root)}"

@@ -227,7 +227,8 @@ def test_completeness_check_lists_missing_files(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError) as err:
         check_model_dir(broken, SERVICE_PARTS)
     message = str(err.value)
-    assert "4 file(s) missing" in message and "python -m stepvideo.download" in message
+    assert "incomplete for step_llm, hunyuan_clip, vae: 4 file(s) missing" in message
+    assert "python -m stepvideo.download" in message and "\n" not in message
     assert "transformer" not in message.split("missing:")[1].split("Fix")[0]
     assert check_model_dir(tiny_dir, SERVICE_PARTS)
 
