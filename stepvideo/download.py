@@ -11,49 +11,28 @@ resume: run the same command again.
 and the runner then take DIR as ``--model_dir`` exactly like a base directory. (Keep base and
 Turbo in separate directories: both have a ``transformer/``.)
 
-:func:`check_model_dir` is the completeness check the loaders, the service and the runner share:
-it lists every missing file and says how to fix it.
+:func:`check_model_dir` (from :mod:`stepvideo.layout`, where the file names live) is the
+completeness check the loaders, the service and the runner share: it lists every missing file and
+says how to fix it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
-from .weights import CheckpointError, missing_shards
+from . import layout
+from .layout import check_model_dir, missing_files, part_dirs_for  # noqa: F401 (public here)
+from .weights import CheckpointError
 
 BASE_REPO = "stepfun-ai/stepvideo-t2v"
 TURBO_REPO = "stepfun-ai/stepvideo-t2v-turbo"
 
-PARTS = ("transformer", "scheduler", "step_llm", "hunyuan_clip", "vae")
-SERVICE_PARTS = ("step_llm", "hunyuan_clip", "vae")   # what api/call_remote_server.py hosts
-DIT_PARTS = ("transformer", "scheduler")              # what the DiT ranks load
-
-# Files each part needs; sharded parts also need every shard their index lists.
-PART_FILES: Mapping[str, tuple[str, ...]] = {
-    "transformer": ("transformer/config.json",
-                    "transformer/diffusion_pytorch_model.safetensors.index.json"),
-    "scheduler": ("scheduler/scheduler_config.json",),
-    "step_llm": ("step_llm/config.json", "step_llm/model.safetensors.index.json",
-                 "step_llm/step1_chat_tokenizer.model"),
-    "hunyuan_clip": ("hunyuan_clip/clip_text_encoder/config.json",
-                     "hunyuan_clip/clip_text_encoder/pytorch_model.bin",
-                     "hunyuan_clip/tokenizer/vocab.txt"),
-    "vae": ("vae/vae_v2.safetensors",),
-}
-SHARD_INDEX = {"transformer": "transformer/diffusion_pytorch_model.safetensors.index.json",
-               "step_llm": "step_llm/model.safetensors.index.json"}
-
-PART_PATTERNS: Mapping[str, tuple[str, ...]] = {
-    "transformer": ("transformer/*",),
-    "scheduler": ("scheduler/*",),
-    "step_llm": ("step_llm/*",),
-    "hunyuan_clip": ("hunyuan_clip/*",),
-    "vae": ("vae/vae_v2.safetensors", "vae/config.json"),
-}
-IGNORE_PATTERNS = ("lib/*", "*.so", "vae/vae.safetensors")
+PARTS = tuple(layout.PARTS)          # transformer, scheduler, step_llm, hunyuan_clip, vae
+SERVICE_PARTS = tuple(p.folder for p in (layout.STEP_LLM, layout.HUNYUAN_CLIP, layout.VAE))
+DIT_PARTS = (layout.TRANSFORMER.folder, layout.SCHEDULER.folder)   # what the DiT ranks load
+IGNORE_PATTERNS = (f"{layout.LIB_FOLDER}/*", "*.so", f"{layout.VAE.folder}/{layout.VAE_V1_WEIGHTS}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +51,7 @@ def download_plan(turbo: bool = False, parts: Sequence[str] = PARTS) -> list[Fet
         raise ValueError(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
     dit = [p for p in parts if p in DIT_PARTS]
     rest = [p for p in parts if p not in DIT_PARTS]
-    dit_patterns = (("model_index.json",) if dit else ()) + _patterns(dit)
+    dit_patterns = ((layout.MODEL_INDEX,) if dit else ()) + _patterns(dit)
     if not turbo:
         return [Fetch(BASE_REPO, dit_patterns + _patterns(rest))]
     plan = [Fetch(TURBO_REPO, dit_patterns)] if dit else []
@@ -80,7 +59,8 @@ def download_plan(turbo: bool = False, parts: Sequence[str] = PARTS) -> list[Fet
 
 
 def _patterns(parts: Iterable[str]) -> tuple[str, ...]:
-    return tuple(p for part in parts for p in PART_PATTERNS[part])
+    return tuple(f"{layout.PARTS[name].folder}/{pattern}" for name in parts
+                 for pattern in layout.PARTS[name].download)
 
 
 def select_files(repo_files: Iterable[str], fetch: Fetch) -> list[str]:
@@ -103,58 +83,6 @@ def download(directory: str, turbo: bool = False, parts: Sequence[str] = PARTS,
                           ignore_patterns=list(fetch.ignore_patterns), max_workers=max_workers)
     check_model_dir(directory, parts)
     return directory
-
-
-# --------------------------------------------------------------------------------------------
-# Completeness check
-# --------------------------------------------------------------------------------------------
-
-def part_dirs_for(model_dir: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Directory of each part: ``model_dir/<part>`` unless ``overrides[part]`` names another (an
-    absolute path, or one relative to ``model_dir`` as the release's ``--clip_dir`` flags are)."""
-    dirs = {part: os.path.join(model_dir, part) for part in PARTS}
-    for part, path in (overrides or {}).items():
-        if part not in dirs:
-            raise ValueError(f"unknown part {part!r}; choose from {list(PARTS)}")
-        dirs[part] = path if os.path.isabs(path) else os.path.join(model_dir, path)
-    return dirs
-
-
-def missing_files(model_dir: str, parts: Sequence[str] = PARTS,
-                  part_dirs: Mapping[str, str] | None = None) -> list[str]:
-    """Paths a complete directory has and this one lacks, including shards an index lists."""
-    dirs = part_dirs_for(model_dir, part_dirs)
-    missing = []
-    for part in parts:
-        if part not in PART_FILES:
-            raise ValueError(f"unknown part {part!r}; choose from {list(PARTS)}")
-        base = dirs[part]
-        for rel in PART_FILES[part]:
-            path = os.path.join(base, rel.split("/", 1)[1])
-            if not os.path.isfile(path):
-                missing.append(path)
-        index = os.path.join(base, SHARD_INDEX[part].split("/", 1)[1]) if part in SHARD_INDEX else None
-        if index is not None and os.path.isfile(index):  # a missing index is listed above
-            missing += missing_shards(index)
-    return missing
-
-
-def check_model_dir(model_dir: str, parts: Sequence[str] = PARTS,
-                    part_dirs: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Return ``{part: directory}`` if every file of ``parts`` is present, else raise a
-    CheckpointError that lists the missing files and how to get them."""
-    missing = missing_files(model_dir, parts, part_dirs)
-    if missing:
-        shown = "\n  ".join(missing[:30]) + (f"\n  ... ({len(missing) - 30} more)"
-                                              if len(missing) > 30 else "")
-        raise CheckpointError(
-            f"model directory {model_dir} is incomplete for {', '.join(parts)}: "
-            f"{len(missing)} file(s) missing:\n  {shown}\n"
-            f"Fix: `python -m stepvideo.download {model_dir}` (add --turbo for a Turbo directory) "
-            "fetches them and resumes a partial download; for tests and demos "
-            f"`python -m stepvideo.tiny {model_dir}` writes a tiny model.")
-    dirs = part_dirs_for(model_dir, part_dirs)
-    return {part: dirs[part] for part in parts}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -165,16 +165,17 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
 # --- checks before expensive work -----------------------------------------------------------------
 
 def transformer_dir(req: GenerationRequest) -> str:
-    root = req.transformer_dir or req.model_dir
-    sub = os.path.join(root, "transformer")
-    return sub if os.path.isdir(sub) else root
+    from .layout import TRANSFORMER, part_dir
+
+    return part_dir(TRANSFORMER, req.transformer_dir or req.model_dir)
 
 
 def check_request(req: GenerationRequest):
     """Sampling values and the checkpoint directory (the same answer on every rank); returns the
     DiTConfig and notes for the user (rounding, unusual values). The degrees are checked once, by
     ``setup_parallel``."""
-    from .modules.model import DiTConfig, check_checkpoint_dir
+    from .layout import TRANSFORMER, check_part
+    from .modules.model import DiTConfig
 
     if req.infer_steps < 1:
         raise PreflightError(f"--infer_steps must be >= 1, got {req.infer_steps}")
@@ -197,8 +198,8 @@ def check_request(req: GenerationRequest):
             local_part_dirs(req)
         if req.encoder_device != "auto":
             resolve_device(req.encoder_device)
-        check_checkpoint_dir(tdir)
-        cfg = DiTConfig.from_dict(read_json(os.path.join(tdir, "config.json"), "DiT config"))
+        check_part(TRANSFORMER, tdir)
+        cfg = DiTConfig.from_dict(read_json(os.path.join(tdir, TRANSFORMER.config), "DiT config"))
     except (CheckpointError, ValueError, TypeError) as e:
         raise PreflightError(str(e)) from e
     return cfg, notes
@@ -206,13 +207,15 @@ def check_request(req: GenerationRequest):
 
 def local_parts(req: GenerationRequest) -> list[str]:
     """The model parts this job runs in-process (``--caption_url local``, ``--vae_url local``)."""
-    return (["step_llm", "hunyuan_clip"] if req.caption_url == LOCAL else []) + \
-        (["vae"] if req.vae_url == LOCAL else [])
+    from .layout import HUNYUAN_CLIP, STEP_LLM, VAE
+
+    return ([STEP_LLM.folder, HUNYUAN_CLIP.folder] if req.caption_url == LOCAL else []) + \
+        ([VAE.folder] if req.vae_url == LOCAL else [])
 
 
 def local_part_dirs(req: GenerationRequest) -> dict[str, str]:
     """Directories of the in-process parts; a CheckpointError lists every missing file."""
-    from .download import check_model_dir
+    from .layout import check_model_dir
 
     return check_model_dir(req.model_dir, local_parts(req))
 

@@ -4,7 +4,8 @@
 (SPEC section 1) -- ``model_index.json``, ``scheduler/``, ``transformer/`` (2 shards + index),
 ``step_llm/`` (2 shards + index + a sentencepiece ``step1_chat_tokenizer.model``), ``hunyuan_clip/``
 (BertModel ``pytorch_model.bin`` + BERT vocab) and ``vae/vae_v2.safetensors`` (+ ``vae/config.json``
-with its small widths) -- so every loader, the service and the runner work on it unchanged.
+with its small widths) -- so every loader, the service and the runner work on it unchanged. Its
+shapes are each model's ``PRESETS["tiny"]``, composed (and checked to fit) by :class:`TinySizes`.
 
 The tokenizers are trained on ``stepvideo/assets/tiny_corpus.txt`` (English and Chinese prose
 shipped with the package). The same seed gives the same bytes: every tensor comes from one seeded
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import io
 import os
 import re
@@ -30,6 +30,13 @@ import torch
 from safetensors.torch import save_file
 
 from .fileio import write_json_atomic
+from .layout import HUNYUAN_CLIP, MODEL_INDEX, SCHEDULER, STEP_LLM, TRANSFORMER, VAE
+from .modules.model import PRESETS as DIT_PRESETS, DiTConfig, StepVideoModel
+from .text_encoder.clip import PRESETS as CLIP_PRESETS, ClipConfig, build_bert, write_clip_dir
+from .text_encoder.stepllm import (BOS_ID, CONTROL_TOKENS, EOS_ID, MASK_TOKENS,
+                                   PRESETS as STEP1_PRESETS, Step1Config, Step1Model,
+                                   write_step1_dir)
+from .vae.vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig, state_dict_for_checkpoint
 
 CORPUS = "tiny_corpus.txt"
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -37,23 +44,27 @@ BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 @dataclass(frozen=True)
 class TinySizes:
-    """The tiny model's sizes. ``llm_hidden`` and ``clip_hidden`` are the DiT's caption_channels;
-    ``z_channels`` is both the VAE latent width and the DiT's in/out channels."""
+    """The tiny model: each part's ``PRESETS["tiny"]``. The DiT reads the text encoders' widths
+    (caption_channels) and the VAE's latents (in/out channels); the presets must fit together."""
 
-    dit_heads: int = 4
-    dit_layers: int = 2
-    llm_hidden: int = 128
-    llm_heads: int = 2
-    llm_groups: int = 1
-    llm_layers: int = 2
-    llm_ffn: int = 256
-    llm_vocab: int = 1000            # sentencepiece pieces (a soft limit)
-    clip_hidden: int = 64
-    clip_layers: int = 2
-    clip_heads: int = 2
-    z_channels: int = 16
-    vae_ch: int = 32                 # GroupNorm needs multiples of 32; the decoder's top width
-    vae_mult: tuple[int, ...] = (1, 1, 2, 2)  # (vae_ch * 2 = 64) must be >= 4 * z_channels
+    dit: DiTConfig = DIT_PRESETS["tiny"]
+    step1: Step1Config = STEP1_PRESETS["tiny"]
+    clip: ClipConfig = CLIP_PRESETS["tiny"]
+    vae: VAEConfig = VAE_PRESETS["tiny"]
+
+    def __post_init__(self):
+        widths = (self.step1.hidden_size, self.clip.hidden_size)
+        if tuple(self.dit.caption_channels) != widths:
+            raise ValueError(f"the DiT's caption_channels {list(self.dit.caption_channels)} must be "
+                             f"the Step-1 and CLIP hidden sizes {list(widths)}")
+        if not self.dit.in_channels == self.dit.out_channels == self.vae.z_channels:
+            raise ValueError(f"the DiT's in/out channels ({self.dit.in_channels}, "
+                             f"{self.dit.out_channels}) must be the VAE's z_channels "
+                             f"{self.vae.z_channels}")
+
+    @property
+    def z_channels(self) -> int:
+        return self.vae.z_channels
 
 
 def corpus_lines() -> list[str]:
@@ -99,16 +110,19 @@ def _bf16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 def train_sentencepiece(lines: list[str], vocab_size: int) -> bytes:
-    """A unigram sentencepiece model (unk 0, bos 1, eos 2, no pad) trained deterministically:
-    one thread, corpus in order, no sampling, every character kept."""
+    """A unigram sentencepiece model with the released tokenizer's special pieces (unk 0, bos 1,
+    eos 2, no pad; CONTROL_TOKENS as control pieces, MASK_TOKENS as user-defined ones) and at most
+    ``vocab_size`` pieces, trained deterministically: one thread, corpus in order, no sampling,
+    every character kept."""
     import sentencepiece as spm
 
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
         model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, num_threads=1,
-        shuffle_input_sentence=False, input_sentence_size=0, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2)
+        shuffle_input_sentence=False, input_sentence_size=0, unk_id=0, bos_id=BOS_ID,
+        eos_id=EOS_ID, pad_id=-1, control_symbols=list(CONTROL_TOKENS),
+        user_defined_symbols=list(MASK_TOKENS), minloglevel=2)
     return out.getvalue()
 
 
@@ -129,71 +143,54 @@ def bert_vocab(lines: list[str]) -> list[str]:
 
 
 def write_index_files(root: str) -> None:
-    write_json_atomic(os.path.join(root, "model_index.json"), {
+    write_json_atomic(os.path.join(root, MODEL_INDEX), {
         "_class_name": "StepVideoPipeline",
-        "scheduler": ["stepvideo.diffusion.scheduler", "FlowMatchDiscreteScheduler"],
-        "transformer": ["stepvideo.modules.model", "StepVideoModel"]})
-    write_json_atomic(os.path.join(root, "scheduler", "scheduler_config.json"), {
+        SCHEDULER.folder: ["stepvideo.diffusion.scheduler", "FlowMatchDiscreteScheduler"],
+        TRANSFORMER.folder: ["stepvideo.modules.model", "StepVideoModel"]})
+    write_json_atomic(os.path.join(root, SCHEDULER.folder, SCHEDULER.config), {
         "_class_name": "FlowMatchDiscreteScheduler", "num_train_timesteps": 1000,
         "reverse": False, "solver": "euler"})
 
 
-def write_transformer(root: str, sizes: TinySizes, gen: torch.Generator) -> None:
-    from .modules.model import StepVideoModel
-
-    model = StepVideoModel(num_attention_heads=sizes.dit_heads, attention_head_dim=128,
-                           in_channels=sizes.z_channels, out_channels=sizes.z_channels,
-                           num_layers=sizes.dit_layers,
-                           caption_channels=[sizes.llm_hidden, sizes.clip_hidden])
+def write_transformer(root: str, cfg: DiTConfig, gen: torch.Generator) -> None:
+    model = StepVideoModel.from_config(cfg)
     init_like_kit(model, gen)
-    model.save_pretrained(os.path.join(root, "transformer"), num_shards=2, dtype=torch.bfloat16)
+    model.save_pretrained(os.path.join(root, TRANSFORMER.folder), num_shards=2,
+                          dtype=torch.bfloat16)
 
 
-def write_step_llm(root: str, sizes: TinySizes, gen: torch.Generator, lines: list[str]) -> None:
-    from .text_encoder.stepllm import Step1Config, Step1Model, write_step1_dir
-
-    sp_model = train_sentencepiece(lines, sizes.llm_vocab)
-    config = Step1Config(hidden_size=sizes.llm_hidden, num_layers=sizes.llm_layers,
-                         num_attention_heads=sizes.llm_heads,
-                         num_attention_groups=sizes.llm_groups, ffn_hidden_size=sizes.llm_ffn,
-                         padded_vocab_size=-(-sizes.llm_vocab // 256) * 256)
-    model = Step1Model(config)
+def write_step_llm(root: str, cfg: Step1Config, gen: torch.Generator, lines: list[str]) -> None:
+    sp_model = train_sentencepiece(lines, cfg.padded_vocab_size)
+    model = Step1Model(cfg)
     init_like_kit(model, gen)
     with tempfile.TemporaryDirectory() as tmp:
         sp_path = os.path.join(tmp, "tokenizer.model")
         with open(sp_path, "wb") as f:
             f.write(sp_model)
-        write_step1_dir(os.path.join(root, "step_llm"), dataclasses.asdict(config),
-                        _bf16(model.state_dict()), sp_path, num_shards=2)
+        write_step1_dir(os.path.join(root, STEP_LLM.folder), cfg, _bf16(model.state_dict()),
+                        sp_path, num_shards=2)
 
 
-def write_hunyuan_clip(root: str, sizes: TinySizes, gen: torch.Generator,
+def write_hunyuan_clip(root: str, cfg: ClipConfig, gen: torch.Generator,
                        lines: list[str]) -> None:
-    from .text_encoder.clip import build_bert, write_clip_dir
-
     vocab = bert_vocab(lines)
-    config = {"vocab_size": len(vocab), "hidden_size": sizes.clip_hidden,
-              "num_hidden_layers": sizes.clip_layers, "num_attention_heads": sizes.clip_heads,
-              "intermediate_size": 2 * sizes.clip_hidden, "max_position_embeddings": 128,
-              "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-              "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    model = build_bert(config, device="cpu")
+    if len(vocab) > cfg.vocab_size:
+        raise ValueError(f"the corpus needs {len(vocab)} BERT tokens, more than the tiny CLIP's "
+                         f"vocab_size {cfg.vocab_size}: raise it in clip.PRESETS['tiny']")
+    vocab += [f"[unused{i}]" for i in range(cfg.vocab_size - len(vocab))]
+    model = build_bert(cfg.to_dict(), device="cpu")
     init_like_kit(model, gen)
-    write_clip_dir(os.path.join(root, "hunyuan_clip"), config, model.state_dict(), vocab)
+    write_clip_dir(os.path.join(root, HUNYUAN_CLIP.folder), cfg.to_dict(), model.state_dict(),
+                   vocab)
 
 
-def write_vae(root: str, sizes: TinySizes, gen: torch.Generator) -> None:
-    from .vae.vae import AutoencoderKL, VAEConfig, state_dict_for_checkpoint
-
-    config = VAEConfig(z_channels=sizes.z_channels, num_res_blocks=1, encoder_ch=sizes.vae_ch,
-                       encoder_ch_mult=sizes.vae_mult, decoder_ch=sizes.vae_ch,
-                       decoder_ch_mult=sizes.vae_mult)
-    model = AutoencoderKL.from_config(config)
+def write_vae(root: str, cfg: VAEConfig, gen: torch.Generator) -> None:
+    model = AutoencoderKL.from_config(cfg)
     init_like_kit(model, gen)
-    vae_dir = os.path.join(root, "vae")
+    vae_dir = os.path.join(root, VAE.folder)
     os.makedirs(vae_dir, exist_ok=True)
-    save_file(_bf16(state_dict_for_checkpoint(model)), os.path.join(vae_dir, "vae_v2.safetensors"))
-    write_json_atomic(os.path.join(vae_dir, "config.json"), config.to_dict())
+    save_file(_bf16(state_dict_for_checkpoint(model)), os.path.join(vae_dir, VAE.single))
+    write_json_atomic(os.path.join(vae_dir, VAE.config), cfg.to_dict())
 
 
 def write_tiny_model(directory: str, seed: int = 0, sizes: TinySizes = TinySizes()) -> str:
@@ -202,11 +199,11 @@ def write_tiny_model(directory: str, seed: int = 0, sizes: TinySizes = TinySizes
     os.makedirs(directory, exist_ok=True)
     write_index_files(directory)
     # One generator per part, derived from the seed, so parts do not shift each other's weights.
-    parts = [("transformer", write_transformer), ("vae", write_vae)]
-    for offset, (_, write) in enumerate(parts):
-        write(directory, sizes, torch.Generator().manual_seed(seed * 1000 + offset))
-    write_step_llm(directory, sizes, torch.Generator().manual_seed(seed * 1000 + 10), lines)
-    write_hunyuan_clip(directory, sizes, torch.Generator().manual_seed(seed * 1000 + 20), lines)
+    write_transformer(directory, sizes.dit, torch.Generator().manual_seed(seed * 1000))
+    write_vae(directory, sizes.vae, torch.Generator().manual_seed(seed * 1000 + 1))
+    write_step_llm(directory, sizes.step1, torch.Generator().manual_seed(seed * 1000 + 10), lines)
+    write_hunyuan_clip(directory, sizes.clip, torch.Generator().manual_seed(seed * 1000 + 20),
+                       lines)
     return directory
 
 

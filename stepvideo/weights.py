@@ -55,36 +55,6 @@ def missing_shards(index_path: str) -> list[str]:
     return [p for p in index_shards(index_path) if not os.path.isfile(p)]
 
 
-def sharded_files(directory: str, index_name: str) -> list[str]:
-    """Return the shard paths listed by ``index_name`` (a ``*.safetensors.index.json``) in ``directory``.
-
-    Raises a CheckpointError naming every shard the index lists but the directory lacks.
-    """
-    index_path = os.path.join(directory, index_name)
-    shards = index_shards(index_path)
-    missing = [os.path.basename(p) for p in missing_shards(index_path)]
-    if missing:
-        raise CheckpointError(
-            f"{directory} is incomplete: the index lists {len(shards)} shard(s) but "
-            f"{len(missing)} are missing: {_short_list(missing)}. Finish the download "
-            "(`python -m stepvideo.download DIR` resumes it).")
-    return shards
-
-
-def find_weight_files(directory: str, index_name: str, single_name: str) -> list[str]:
-    """Shards via the index if it exists, else the single-file checkpoint ``single_name``."""
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"model directory {directory} does not exist.")
-    if os.path.isfile(os.path.join(directory, index_name)):
-        return sharded_files(directory, index_name)
-    single = os.path.join(directory, single_name)
-    if os.path.isfile(single):
-        return [single]
-    raise CheckpointError(
-        f"{directory} holds neither {index_name} nor {single_name}; it is not a checkpoint "
-        "directory in the official layout.")
-
-
 def load_safetensors(paths: Iterable[str], dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read and merge safetensors files; floating tensors are cast to ``dtype`` if given."""

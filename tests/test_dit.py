@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from stepvideo.conformance import assert_close, load_json, load_tensors
 from stepvideo.modules.layers import timestep_sinusoid
-from stepvideo.modules.model import DiTConfig, StepVideoModel
+from stepvideo.modules.model import PRESETS, DiTConfig, StepVideoModel
 from stepvideo.modules.rope import Rope, apply_rope, rope_tables
 from stepvideo.weights import CheckpointError, load_state_dict_strict
 
@@ -137,6 +137,7 @@ def test_full_size_keys_match_manifest():
     assert ours == theirs
     assert sum(v.numel() for v in m.state_dict().values()) == manifest["num_params"]
     assert len(ours) == manifest["num_keys"]
+    assert m.config == PRESETS["base"] == DiTConfig()   # the defaults are the released model
 
 
 # --- loading from the official layout -------------------------------------------------------
@@ -197,13 +198,16 @@ def test_truncated_shard_is_reported(ckpt):
 
 
 def test_missing_shard_and_directory(ckpt, tmp_path):
-    sorted(ckpt.glob("*.safetensors"))[0].unlink()
-    with pytest.raises(CheckpointError, match=r"incomplete: the index lists 3 shard\(s\) but 1 are missing"):
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"incomplete: 1 file\(s\) missing: \S*{shard.name}\. "
+                                              r"Fix: `python -m stepvideo.download"):
         StepVideoModel.from_pretrained(str(ckpt))
     with pytest.raises(CheckpointError, match="does not exist"):
         StepVideoModel.from_pretrained(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match=r"2 file\(s\) missing: \S*empty/config.json, "
+                                              r"\S*empty/diffusion_pytorch_model.safetensors.index.json"):
         StepVideoModel.from_pretrained(str(tmp_path / "empty"))
 
 
@@ -215,6 +219,43 @@ def test_bad_configs_are_explained(spec):
     # the official config keys that change nothing are accepted
     DiTConfig.from_dict({**spec["config"], "norm_type": "ada_norm_single", "dropout": 0.0,
                          "_class_name": "StepVideoModel", "_diffusers_version": "0.31.0"})
+
+
+AFFINE_KEYS = ["caption_norm.bias", "caption_norm.weight", "norm_out.bias", "norm_out.weight"]
+
+
+@torch.no_grad()
+def test_norm_elementwise_affine_is_honoured(tmp_path, spec, io):
+    """As in the release, the flag gives caption_norm and norm_out a weight and bias; a checkpoint
+    with them loads, and they act: a caption_norm bias b is the same as adding W1 b to
+    caption_projection.linear_1's bias (exact algebra, so the kit's fp32 tolerance applies)."""
+    kit = load_tensors(spec["weights"]["file"], torch.float32)
+    cfg = {**spec["config"], "norm_elementwise_affine": True}
+    with torch.device("meta"):
+        m = StepVideoModel(**cfg)
+    assert sorted(set(m.state_dict()) - set(kit)) == AFFINE_KEYS
+    with pytest.raises(CheckpointError, match=r"4 missing key\(s\): caption_norm.bias"):
+        load_state_dict_strict(m, kit)
+    gen = torch.Generator().manual_seed(0)
+    beta = 0.1 * torch.randn(spec["config"]["caption_channels"][0], generator=gen)
+    affine = {**kit, "caption_norm.weight": torch.ones_like(beta), "caption_norm.bias": beta,
+              "norm_out.weight": torch.ones(m.norm_out.normalized_shape),
+              "norm_out.bias": torch.zeros(m.norm_out.normalized_shape)}
+    load_state_dict_strict(m, affine)
+    StepVideoModel.from_config(m.config).load_state_dict(affine)
+    m.eval().save_pretrained(str(tmp_path / "t"))
+    loaded = StepVideoModel.from_pretrained(str(tmp_path / "t"))
+    assert loaded.config.norm_elementwise_affine and torch.equal(loaded.caption_norm.bias, beta)
+
+    folded = dict(kit)
+    folded["caption_projection.linear_1.bias"] = (kit["caption_projection.linear_1.bias"]
+                                                  + kit["caption_projection.linear_1.weight"] @ beta)
+    with torch.device("meta"):
+        plain = StepVideoModel(**spec["config"])
+    load_state_dict_strict(plain, folded)
+    assert_close(_call(loaded, io), _call(plain.eval(), io), spec["tolerance"], "affine caption_norm")
+    loaded.norm_out.weight.mul_(2)
+    assert not torch.allclose(_call(loaded, io), _call(plain, io), atol=1e-2)
 
 
 def test_config_not_matching_weights(tmp_path, model, spec):

@@ -17,7 +17,9 @@ import pytest
 import torch
 from stepvideo.conformance import assert_close, kit_dir, load_json, load_tensors
 
+from stepvideo.text_encoder.clip import PRESETS as CLIP_PRESETS
 from stepvideo.text_encoder.clip import HunyuanClip, build_bert, write_clip_dir
+from stepvideo.text_encoder.stepllm import PRESETS as STEP1_PRESETS
 from stepvideo.text_encoder.stepllm import (STEP1TextEncoder, SqrtAlibiAttention, Step1Config,
                                             Step1Model, StepTokenizer, alibi_slopes,
                                             pad_token_ids, sqrt_alibi_bias, write_step1_dir)
@@ -190,6 +192,14 @@ def test_step1_config_validation_names_numbers():
         dataclasses.replace(cfg, hidden_size=cfg.hidden_size + 1)
 
 
+def test_step1_config_refuses_what_it_cannot_honour():
+    cfg = Step1Config.from_dict(STEP1["cases"][STEP1_CASES[0]]["config"])
+    with pytest.raises(ValueError, match="fp32_residual_connection=true .* not supported"):
+        dataclasses.replace(cfg, fp32_residual_connection=True)
+    with pytest.raises(ValueError, match=r"params_dtype 'bf16' is not one of \['bfloat16'"):
+        dataclasses.replace(cfg, params_dtype="bf16")
+
+
 def test_unknown_attention_backend_lists_options():
     with pytest.raises(ValueError, match="sdpa.*flex"):
         with torch.device("meta"):
@@ -204,6 +214,10 @@ def test_step1_full_size_manifest_on_meta():
     assert got == [(k["name"], k["shape"]) for k in manifest["keys"]]
     assert len(got) == manifest["num_keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    # Defaults = the release; the kit ran with seq_length 320, the hub's config.json says 16384.
+    assert dataclasses.replace(model.config, seq_length=16384) == STEP1_PRESETS["step1"] \
+        == Step1Config()
+    assert set(manifest["config"]) == {f.name for f in dataclasses.fields(Step1Config)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,3 +354,5 @@ def test_clip_full_size_manifest_on_meta():
     assert got == [(k["name"], k["shape"]) for k in manifest["keys"]]
     assert len(got) == manifest["num_keys"]
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    base = CLIP_PRESETS["base"].to_dict()
+    assert {k: base[k] for k in manifest["config"]} == manifest["config"]

@@ -227,7 +227,8 @@ def test_completeness_check_lists_missing_files(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError) as err:
         check_model_dir(broken, SERVICE_PARTS)
     message = str(err.value)
-    assert "4 file(s) missing" in message and "python -m stepvideo.download" in message
+    assert "incomplete for step_llm, hunyuan_clip, vae: 4 file(s) missing" in message
+    assert "python -m stepvideo.download" in message and "\n" not in message
     assert "transformer" not in message.split("missing:")[1].split("Fix")[0]
     assert check_model_dir(tiny_dir, SERVICE_PARTS)
 
@@ -252,3 +253,78 @@ def test_missing_index_is_reported(tiny_dir, tmp_path):
     os.remove(broken / "transformer" / "diffusion_pytorch_model.safetensors.index.json")
     assert missing_files(str(broken), ["transformer"]) == [
         str(broken / "transformer" / "diffusion_pytorch_model.safetensors.index.json")]
+
+
+def test_loaders_and_downloader_share_one_check(tiny_dir, tmp_path):
+    """A loader names every missing file of its part (before reading weights), exactly those the
+    downloader's check lists, with the same fix."""
+    from stepvideo.text_encoder.stepllm import STEP1TextEncoder
+
+    broken = tmp_path / "partial"
+    shutil.copytree(tiny_dir, broken)
+    for rel in ("step_llm/model-00001-of-00002.safetensors", "step_llm/step1_chat_tokenizer.model"):
+        os.remove(broken / rel)
+    expected = missing_files(str(broken), ["step_llm"])
+    assert len(expected) == 2
+    with pytest.raises(CheckpointError) as err:
+        STEP1TextEncoder(str(broken))          # the model root: the part folder is found in it
+    message = str(err.value)
+    assert "\n" not in message and f"2 file(s) missing: {', '.join(expected)}." in message
+    assert f"python -m stepvideo.download {broken}`" in message
+    out = subprocess.run([sys.executable, "-m", "stepvideo.download", str(broken), "--check",
+                          "--parts", "step_llm"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 1 and f"2 file(s) missing: {', '.join(expected)}." in out.stderr
+
+
+def test_tiny_model_is_the_presets(tiny_dir):
+    """Every part of the tiny model has its module's PRESETS["tiny"] shapes, and they must fit."""
+    import dataclasses
+    import json
+
+    from stepvideo.modules.model import PRESETS as DIT, DiTConfig
+    from stepvideo.text_encoder.clip import PRESETS as CLIP
+    from stepvideo.text_encoder.stepllm import PRESETS as STEP1, Step1Config
+    from stepvideo.tiny import TinySizes
+    from stepvideo.vae.vae import PRESETS as VAE, VAEConfig
+
+    def read(rel):
+        return json.loads(Path(tiny_dir, rel).read_text(encoding="utf-8"))
+
+    assert DiTConfig.from_dict(read("transformer/config.json")) == DIT["tiny"]
+    assert Step1Config.from_dict(read("step_llm/config.json")) == STEP1["tiny"]
+    assert VAEConfig.from_dict(read("vae/config.json")) == VAE["tiny"]
+    clip = read("hunyuan_clip/clip_text_encoder/config.json")
+    assert {k: clip[k] for k in CLIP["tiny"].to_dict()} == CLIP["tiny"].to_dict()
+    vocab = Path(tiny_dir, "hunyuan_clip/tokenizer/vocab.txt").read_text(encoding="utf-8")
+    assert len(vocab.splitlines()) == CLIP["tiny"].vocab_size
+    assert TinySizes().z_channels == VAE["tiny"].z_channels
+    with pytest.raises(ValueError, match=r"caption_channels \[128, 64\] must be .* \[256, 64\]"):
+        TinySizes(step1=dataclasses.replace(STEP1["tiny"], hidden_size=256))
+    with pytest.raises(ValueError, match=r"in/out channels \(16, 16\) .* z_channels 8"):
+        TinySizes(vae=dataclasses.replace(VAE["tiny"], z_channels=8))
+
+
+def test_tiny_step_llm_is_a_faithful_miniature(tiny_dir):
+    """step_llm/config.json carries every key of the published config (the release's loader reads
+    e.g. params_dtype), and the tokenizer passes the release's StepChatTokenizer checks: the six
+    control pieces are special (control), the mask markers exist, BOS 1 and EOS 2."""
+    import json
+
+    import sentencepiece
+
+    from stepvideo.text_encoder.stepllm import BOS_ID, CONTROL_TOKENS, EOS_ID, MASK_TOKENS
+
+    published = json.loads((Path(os.environ["STEPVIDEO_CONFORMANCE_DIR"])
+                            / "manifest_step1_full.json").read_text(encoding="utf-8"))["config"]
+    config = json.loads(Path(tiny_dir, "step_llm/config.json").read_text(encoding="utf-8"))
+    assert set(published) <= set(config), sorted(set(published) - set(config))
+    assert all(type(config[k]) is type(published[k]) for k in published)
+    sp = sentencepiece.SentencePieceProcessor(
+        model_file=os.path.join(tiny_dir, "step_llm", "step1_chat_tokenizer.model"))
+    special = {sp.id_to_piece(i) for i in range(sp.get_piece_size())
+               if sp.is_control(i) or sp.is_unknown(i)}
+    vocab = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    assert set(CONTROL_TOKENS) <= special and set(MASK_TOKENS) <= vocab
+    assert (sp.bos_id(), sp.eos_id(), sp.unk_id()) == (BOS_ID, EOS_ID, 0)
+    assert sp.get_piece_size() <= config["padded_vocab_size"]

@@ -72,7 +72,7 @@ def resolved_attention(device: torch.device, dtype: torch.dtype) -> str:
 def random_model(cfg: DiTConfig, device: torch.device, dtype: torch.dtype) -> StepVideoModel:
     """A model allocated directly on ``device`` in ``dtype``: norm weights 1, the rest N(0, .02)."""
     with torch.device("meta"):
-        model = StepVideoModel(config=cfg).to(dtype)
+        model = StepVideoModel.from_config(cfg).to(dtype)
     model = model.to_empty(device=device)
     for name, param in model.named_parameters():
         if "norm" in name:

@@ -83,7 +83,9 @@ class FlowMatchDiscreteScheduler:
 def load_scheduler(model_dir: str) -> FlowMatchDiscreteScheduler:
     """The scheduler of ``model_dir/scheduler/scheduler_config.json``; the released defaults when a
     directory has none (bare transformer folders). Turbo uses the same format."""
-    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    from ..layout import SCHEDULER, part_dir
+
+    path = os.path.join(part_dir(SCHEDULER, model_dir), SCHEDULER.config)
     if os.path.isfile(path):
         return FlowMatchDiscreteScheduler.from_config_file(path)
     return FlowMatchDiscreteScheduler()

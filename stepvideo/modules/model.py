@@ -16,8 +16,8 @@ from einops import rearrange
 from torch import nn
 
 from ..fileio import write_json_atomic
-from ..weights import (CheckpointError, find_weight_files, load_safetensors, load_state_dict_strict,
-                       read_json, save_sharded)
+from ..layout import TRANSFORMER, check_part, part_dir
+from ..weights import load_safetensors, load_state_dict_strict, read_json, save_sharded
 from .attention import LocalPlan, SequencePlan, attention
 from .layers import RMSNorm, modulate, timestep_sinusoid
 from .rope import ROPE_SPLIT, Rope, apply_rope, rope_tables
@@ -38,7 +38,7 @@ class DiTConfig:
     num_layers: int = 48
     patch_size: int = 1
     norm_eps: float = 1e-6
-    norm_elementwise_affine: bool = False
+    norm_elementwise_affine: bool = False   # weight and bias on caption_norm and norm_out
     use_additional_conditions: bool = False
     caption_channels: tuple[int, int] = (6144, 1024)
 
@@ -68,6 +68,20 @@ class DiTConfig:
             raise TypeError(f"unknown DiT config key(s) {unknown}; expected keys of "
                             f"transformer/config.json: {sorted(known)}")
         return cls(**{k: v for k, v in cfg.items() if k in known})
+
+    def to_dict(self) -> dict:
+        """The ``transformer/config.json`` keywords."""
+        d = dataclasses.asdict(self)
+        return {**d, "caption_channels": list(d["caption_channels"])}
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "base": DiTConfig(),   # the released 30B model (Turbo has the same shapes)
+    # The tiny model's DiT (stepvideo.tiny): caption_channels are the tiny Step-1 and CLIP widths,
+    # in/out channels the tiny VAE's latent width.
+    "tiny": dataclasses.replace(DiTConfig(), num_attention_heads=4, num_layers=2, in_channels=16,
+                                out_channels=16, caption_channels=(128, 64)),
+}
 
 
 class TimestepEmbedding(nn.Module):
@@ -208,7 +222,8 @@ class DiTBlock(nn.Module):
 
 
 class StepVideoModel(nn.Module):
-    """The DiT. Keywords are the keys of ``transformer/config.json``.
+    """The DiT. Keywords are the keys of ``transformer/config.json`` (as in the release);
+    :meth:`from_config` builds one from a :class:`DiTConfig`.
 
     ``forward(hidden_states (B,F,C,H,W), timestep (B,) in [0,1], encoder_hidden_states (B,Ly,6144),
     encoder_hidden_states_2 (B,Lc,1024), encoder_attention_mask (B, Lc+Ly))`` predicts the
@@ -217,20 +232,25 @@ class StepVideoModel(nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        cfg = config.pop("config", None) or DiTConfig.from_dict(config)
-        self.config = cfg
+        self.config = cfg = DiTConfig.from_dict(config)
         dim = cfg.inner_dim
         llm_dim, clip_dim = cfg.caption_channels
         self.pos_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, dim)
         self.adaln_single = AdaLNSingle(dim)
-        self.caption_norm = nn.LayerNorm(llm_dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.caption_norm = nn.LayerNorm(llm_dim, eps=cfg.norm_eps,
+                                         elementwise_affine=cfg.norm_elementwise_affine)
         self.caption_projection = CaptionProjection(llm_dim, dim)
         self.clip_projection = nn.Linear(clip_dim, dim)
         self.transformer_blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm_out = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=False)
+        self.norm_out = nn.LayerNorm(dim, eps=cfg.norm_eps,
+                                     elementwise_affine=cfg.norm_elementwise_affine)
         self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
         self.proj_out = nn.Linear(dim, cfg.patch_size ** 2 * cfg.out_channels)
         self.plan = LocalPlan()
+
+    @classmethod
+    def from_config(cls, cfg: DiTConfig) -> "StepVideoModel":
+        return cls(**cfg.to_dict())
 
     # --- loading -------------------------------------------------------------------------
 
@@ -238,12 +258,12 @@ class StepVideoModel(nn.Module):
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "StepVideoModel":
         """Load ``model_dir`` (the ``transformer/`` folder, or a model root holding one)."""
-        if os.path.isdir(os.path.join(model_dir, "transformer")):
-            model_dir = os.path.join(model_dir, "transformer")
-        files = check_checkpoint_dir(model_dir)
-        cfg = DiTConfig.from_dict(read_json(os.path.join(model_dir, "config.json"), "DiT config"))
+        model_dir = part_dir(TRANSFORMER, model_dir)
+        files = check_part(TRANSFORMER, model_dir)
+        cfg = DiTConfig.from_dict(read_json(os.path.join(model_dir, TRANSFORMER.config),
+                                            "DiT config"))
         with torch.device("meta"):
-            model = cls(config=cfg)
+            model = cls.from_config(cfg)
         state = load_safetensors(files, dtype=dtype, device=device)
         load_state_dict_strict(model, state, what=f"DiT checkpoint {model_dir}")
         return model.eval()
@@ -252,12 +272,10 @@ class StepVideoModel(nn.Module):
                         dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` + sharded safetensors + index in the official layout."""
         os.makedirs(transformer_dir, exist_ok=True)
-        cfg = dataclasses.asdict(self.config)
-        cfg["caption_channels"] = list(cfg["caption_channels"])
-        write_json_atomic(os.path.join(transformer_dir, "config.json"),
-                          {"_class_name": "StepVideoModel", **cfg})
-        save_sharded(self.state_dict(), transformer_dir, DIT_INDEX,
-                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", num_shards, dtype)
+        write_json_atomic(os.path.join(transformer_dir, TRANSFORMER.config),
+                          {"_class_name": "StepVideoModel", **self.config.to_dict()})
+        save_sharded(self.state_dict(), transformer_dir, TRANSFORMER.index, TRANSFORMER.shard_name,
+                     num_shards, dtype)
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` every block in place: fuses the element-wise work around the matmuls
@@ -330,17 +348,3 @@ class StepVideoModel(nn.Module):
             raise ValueError(f"encoder_hidden_states_2 must be ({x.shape[0]}, L, {clip_dim}), "
                              f"got {tuple(clip.shape)}")
 
-
-DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-DIT_SINGLE = "diffusion_pytorch_model.safetensors"
-
-
-def check_checkpoint_dir(transformer_dir: str) -> list[str]:
-    """The weight files of a complete ``transformer/`` directory, or a CheckpointError."""
-    if not os.path.isdir(transformer_dir):
-        raise CheckpointError(f"DiT directory {transformer_dir} does not exist; pass --model_dir "
-                              "pointing at the downloaded stepvideo-t2v folder")
-    if not os.path.isfile(os.path.join(transformer_dir, "config.json")):
-        raise CheckpointError(f"{transformer_dir} has no config.json; it is not a transformer/ "
-                              "folder of the official layout")
-    return find_weight_files(transformer_dir, DIT_INDEX, DIT_SINGLE)

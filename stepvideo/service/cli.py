@@ -18,6 +18,7 @@ from .server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_THREADS,
                      ServerOptions, ServiceConfigError, run_server)
 from ..devices import DTYPE_CHOICES
 from ..weights import CheckpointError
+from ..layout import HUNYUAN_CLIP, STEP_LLM, VAE
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
@@ -30,12 +31,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--model_dir", required=True,
                    help="downloaded stepvideo-t2v directory (python -m stepvideo.download DIR), or "
                         "a tiny one (python -m stepvideo.tiny DIR)")
-    p.add_argument("--llm_dir", default="step_llm", help="Step-1 LLM dir, relative to --model_dir "
-                                                          "or absolute")
-    p.add_argument("--clip_dir", default="hunyuan_clip", help="HunyuanCLIP dir, relative to "
-                                                                "--model_dir or absolute")
-    p.add_argument("--vae_dir", default="vae", help="VAE dir (holds vae_v2.safetensors), relative "
-                                                    "to --model_dir or absolute")
+    p.add_argument("--llm_dir", default=STEP_LLM.folder,
+                   help="Step-1 LLM dir, relative to --model_dir or absolute")
+    p.add_argument("--clip_dir", default=HUNYUAN_CLIP.folder,
+                   help="HunyuanCLIP dir, relative to --model_dir or absolute")
+    p.add_argument("--vae_dir", default=VAE.folder,
+                   help=f"VAE dir (holds {VAE.single}), relative to --model_dir or absolute")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to bind; anything but loopback requires --token")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to bind")

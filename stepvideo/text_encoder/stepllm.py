@@ -26,18 +26,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from stepvideo.fileio import write_json_atomic
+from stepvideo.layout import STEP1_TOKENIZER, STEP_LLM, check_part, part_dir
 from stepvideo.modules.layers import RMSNorm
-from stepvideo.weights import (CheckpointError, find_weight_files, load_safetensors,
-                               load_state_dict_strict, read_json, save_sharded)
-
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-TOKENIZER_FILE = "step1_chat_tokenizer.model"
+from stepvideo.weights import (CheckpointError, load_safetensors, load_state_dict_strict, read_json,
+                               save_sharded)
 
 BOS_ID = 1
 EOS_ID = 2
 PAD_ID = 2  # the same id as EOS
+# Special pieces of the released step1_chat_tokenizer.model, as the release's StepChatTokenizer
+# checks them on load: these are control pieces (never produced from text) ...
+CONTROL_TOKENS = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>",
+                  "<|THINK_END|>")
+# ... and these two are only required to be in the vocabulary.
+MASK_TOKENS = ("<|MASK_1e69f|>", "<|UNMASK_1e69f|>")
+PARAMS_DTYPES = ("bfloat16", "float16", "float32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +49,14 @@ PAD_ID = 2  # the same id as EOS
 
 @dataclass(frozen=True)
 class Step1Config:
-    """`step_llm/config.json` fields the model needs; defaults are the released model."""
+    """Every key of the published `step_llm/config.json`; defaults are the released model.
+
+    The last seven do not change inference here: seq_length (no position embeddings: ALiBi),
+    use_flash_attn (the kernel choice), the dropouts (off in eval), params_dtype (the loader's
+    ``dtype`` decides; the release runs in bf16), embedding_weights_in_fp32 (a float32 embedding
+    lookup of the same weights gives the same values). fp32_residual_connection=True (a float32
+    residual stream) is not implemented and is refused.
+    """
 
     hidden_size: int = 6144
     num_layers: int = 48
@@ -55,6 +65,13 @@ class Step1Config:
     ffn_hidden_size: int = 16896
     padded_vocab_size: int = 65536
     layernorm_epsilon: float = 1e-5
+    seq_length: int = 16384
+    use_flash_attn: bool = True
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    params_dtype: str = "bfloat16"
+    fp32_residual_connection: bool = False
+    embedding_weights_in_fp32: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_attention_heads", "num_attention_groups",
@@ -70,6 +87,11 @@ class Step1Config:
                              f"num_attention_groups {self.num_attention_groups}")
         if not self.layernorm_epsilon > 0:
             raise ValueError(f"layernorm_epsilon must be > 0, got {self.layernorm_epsilon}")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"params_dtype {self.params_dtype!r} is not one of {list(PARAMS_DTYPES)}")
+        if self.fp32_residual_connection:
+            raise ValueError("fp32_residual_connection=true (a float32 residual stream) is not "
+                             "supported; the released step_llm/config.json has false")
 
     @property
     def head_dim(self) -> int:
@@ -82,8 +104,8 @@ class Step1Config:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Step1Config":
-        """Build from a config.json dict; other official keys (seq_length, use_flash_attn, ...)
-        are ignored because they do not change the inference graph."""
+        """Build from a config.json dict; keys that are not fields are ignored (as the release's
+        PretrainedConfig keeps them without effect)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -99,10 +121,11 @@ class Step1Config:
 
 
 PRESETS: dict[str, Step1Config] = {
-    "step1": Step1Config(),
-    # A few hundred thousand parameters: for tests and the CPU demo.
-    "tiny": Step1Config(hidden_size=64, num_layers=2, num_attention_heads=4,
-                        num_attention_groups=2, ffn_hidden_size=128, padded_vocab_size=512),
+    "step1": Step1Config(),   # the released model
+    # The tiny model's Step-1 (stepvideo.tiny): 0.8 M parameters, multi-query attention.
+    "tiny": dataclasses.replace(Step1Config(), hidden_size=128, num_layers=2,
+                                num_attention_heads=2, num_attention_groups=1,
+                                ffn_hidden_size=256, padded_vocab_size=1024),
 }
 
 
@@ -319,8 +342,8 @@ class StepTokenizer:
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
-            raise CheckpointError(f"Step-1 tokenizer {model_path} does not exist; the step_llm "
-                                  f"directory must contain {TOKENIZER_FILE}.")
+            raise CheckpointError(f"Step-1 tokenizer {model_path} does not exist; the "
+                                  f"{STEP_LLM.folder} directory must contain {STEP1_TOKENIZER}.")
         import sentencepiece
 
         self.model_path = model_path
@@ -341,10 +364,12 @@ class StepTokenizer:
 
 def load_step1_model(model_dir: str, dtype: torch.dtype = torch.float32,
                      device: "str | torch.device" = "cpu", attn_backend: str = "sdpa") -> Step1Model:
-    """Build Step1Model from ``model_dir/config.json`` on meta and load the shards strictly."""
-    config = Step1Config.from_dict(read_json(os.path.join(model_dir, CONFIG_FILE),
+    """Build Step1Model from ``model_dir/config.json`` on meta and load the shards strictly
+    (``model_dir``: the ``step_llm/`` folder or a model root holding one)."""
+    model_dir = part_dir(STEP_LLM, model_dir)
+    files = check_part(STEP_LLM, model_dir)
+    config = Step1Config.from_dict(read_json(os.path.join(model_dir, STEP_LLM.config),
                                              "Step-1 config"))
-    files = find_weight_files(model_dir, INDEX_FILE, SINGLE_FILE)
     with torch.device("meta"):
         model = Step1Model(config, attn_backend=attn_backend)
     state = load_safetensors(files, dtype=dtype, device=device)
@@ -358,7 +383,9 @@ class STEP1TextEncoder(nn.Module):
     def __init__(self, model_dir: str, max_length: int = 320, dtype: torch.dtype = torch.float32,
                  device: "str | torch.device" = "cpu", attn_backend: str = "sdpa"):
         super().__init__()
-        tokenizer = StepTokenizer(os.path.join(model_dir, TOKENIZER_FILE))  # fail before loading
+        model_dir = part_dir(STEP_LLM, model_dir)
+        check_part(STEP_LLM, model_dir)  # every missing file named before anything is read
+        tokenizer = StepTokenizer(os.path.join(model_dir, STEP1_TOKENIZER))
         self._setup(load_step1_model(model_dir, dtype, device, attn_backend), tokenizer,
                     max_length)
 
@@ -399,10 +426,10 @@ def write_step1_dir(path: str, config: "Step1Config | Mapping[str, Any]",
     os.makedirs(path, exist_ok=True)
     config_dict = (dataclasses.asdict(config) if isinstance(config, Step1Config)
                    else dict(config))
-    write_json_atomic(os.path.join(path, CONFIG_FILE), config_dict)
-    shutil.copyfile(tokenizer_model_path, os.path.join(path, TOKENIZER_FILE))
+    write_json_atomic(os.path.join(path, STEP_LLM.config), config_dict)
+    shutil.copyfile(tokenizer_model_path, os.path.join(path, STEP1_TOKENIZER))
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     if num_shards == 1:
-        save_file(tensors, os.path.join(path, SINGLE_FILE))
+        save_file(tensors, os.path.join(path, STEP_LLM.single))
         return
-    save_sharded(tensors, path, INDEX_FILE, "model-{i:05d}-of-{n:05d}.safetensors", num_shards)
+    save_sharded(tensors, path, STEP_LLM.index, STEP_LLM.shard_name, num_shards)

@@ -23,15 +23,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from stepvideo.weights import (CheckpointError, load_safetensors, load_state_dict_strict,
-                               rename_keys)
+from stepvideo.layout import VAE, check_part, part_dir
+from stepvideo.weights import load_safetensors, load_state_dict_strict, rename_keys
 
 FRAMES_PER_CHUNK = 17        # video frames per independent chunk
 LATENTS_PER_CHUNK = 3        # latent frames per chunk
 SPATIAL_FACTOR = 16          # pixels per latent pixel (each side)
 NORM_GROUPS = 32
 SEAM_KEEP = 0.6              # chunk blend: new = 0.6 * itself + 0.4 * neighbour
-CHECKPOINT_FILE = "vae_v2.safetensors"
 
 # Released-checkpoint prefix -> module prefix. The release stores the last decoder conv as
 # `decoder.conv_out.*`; here (as in the release's modules) it is a causal conv with a `.conv` child.
@@ -100,14 +99,22 @@ class VAEConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "VAEConfig":
-        """A 3.5 M-parameter VAE (the conformance kit's small widths) for tests and demos."""
-        base = cls(z_channels=4, encoder_ch=32, encoder_ch_mult=(1, 1, 2, 1),
-                   decoder_ch=32, decoder_ch_mult=(1, 1, 2, 1))
-        return dataclasses.replace(base, **overrides)
+        """``PRESETS["tiny"]``, with ``overrides`` replaced."""
+        return dataclasses.replace(PRESETS["tiny"], **overrides)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+PRESETS: dict[str, VAEConfig] = {
+    "base": VAEConfig(),   # the released vae_v2.safetensors
+    # The tiny model's VAE (stepvideo.tiny). GroupNorm needs widths that are multiples of 32, and
+    # the decoder's top width (32 x 2) must hold 4 x z_channels.
+    "tiny": dataclasses.replace(VAEConfig(), z_channels=16, num_res_blocks=1, encoder_ch=32,
+                                encoder_ch_mult=(1, 1, 2, 2), decoder_ch=32,
+                                decoder_ch_mult=(1, 1, 2, 2)),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,19 +599,13 @@ class AutoencoderKL(nn.Module):
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """The checkpoint file for ``path``: the file itself, ``path/vae_v2.safetensors`` or
-    ``path/vae/vae_v2.safetensors``."""
+    """The checkpoint file for ``path``: the file itself, or ``vae_v2.safetensors`` of a ``vae/``
+    folder or of a model root holding one (stepvideo.layout)."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
-    if os.path.isdir(path):
-        for candidate in (os.path.join(path, CHECKPOINT_FILE),
-                          os.path.join(path, "vae", CHECKPOINT_FILE)):
-            if os.path.isfile(candidate):
-                return candidate
-        raise CheckpointError(f"{path} holds no {CHECKPOINT_FILE} (nor vae/{CHECKPOINT_FILE}); "
-                              "pass the model directory, its vae/ directory or the file itself.")
-    raise CheckpointError(f"VAE checkpoint {path} does not exist.")
+    (file,) = check_part(VAE, part_dir(VAE, path))
+    return file
 
 
 def resolve_config(file: str, config: VAEConfig | Mapping | None) -> VAEConfig:
@@ -612,7 +613,7 @@ def resolve_config(file: str, config: VAEConfig | Mapping | None) -> VAEConfig:
         return config
     if config is not None:
         return VAEConfig.from_dict(config)
-    side = os.path.join(os.path.dirname(file), "config.json")
+    side = os.path.join(os.path.dirname(file), VAE.config)
     return VAEConfig.from_json(side) if os.path.isfile(side) else VAEConfig()
 
 
