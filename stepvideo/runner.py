@@ -280,6 +280,10 @@ class VideoGenerator:
         except (ValueError, RuntimeError) as e:
             raise PreflightError(str(e)) from e
         if self.ctx.is_main:
+            if req.prompt:
+                from .text_encoder.local import prompt_length_notes
+
+                notes += prompt_length_notes(req.model_dir, req.prompt + req.pos_magic)
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
         self._rank0_checks(req)

@@ -226,3 +226,15 @@ def test_local_parts_are_checked_up_front(model_dir, tmp_path):
     assert "vae_v2.safetensors" in proc.stderr
     base[1] = model_dir
     _one_line_error(run_cli([*base, "--encoder_device", "cuda:7"]), r"no CUDA device is visible")
+
+
+def test_long_prompts_get_a_note(model_dir):
+    from stepvideo.diffusion.video_pipeline import POS_MAGIC
+    from stepvideo.text_encoder.local import prompt_length_notes
+
+    assert prompt_length_notes(model_dir, "a lighthouse in a storm" + POS_MAGIC) == []
+    notes = prompt_length_notes(model_dir, "a lighthouse in a storm, " * 60)
+    assert len(notes) == 2
+    assert notes[0].startswith("the prompt is ") and "Step-1 tokens" in notes[0]
+    assert "CLIP tokens; CLIP reads the first 77" in notes[1]
+    assert prompt_length_notes(str(Path(model_dir) / "transformer"), "x " * 500) == []

@@ -82,3 +82,30 @@ class LocalTextEncoder:
                     "capacity": self.cache_size}
 
 
+
+
+def prompt_length_notes(model_dir: str, text: str, llm_max_length: int = 320,
+                        clip_max_length: int = 77) -> list[str]:
+    """Notes for a ``text`` longer than the encoders read (Step-1: 320 tokens with BOS/EOS; CLIP:
+    77 with [CLS]/[SEP]): the rest is cut silently by both. Only the tokenizers are loaded; a part
+    whose tokenizer is not in ``model_dir`` (a DiT-only host) is skipped."""
+    import os
+
+    from ..layout import CLIP_TOKENIZER_DIR, HUNYUAN_CLIP, STEP1_TOKENIZER, STEP_LLM
+    from .clip import load_tokenizer
+    from .stepllm import StepTokenizer
+
+    notes = []
+    sp_path = os.path.join(model_dir, STEP_LLM.folder, STEP1_TOKENIZER)
+    if os.path.isfile(sp_path):
+        n = len(StepTokenizer(sp_path).encode(text)) + 2
+        if n > llm_max_length:
+            notes.append(f"the prompt is {n} Step-1 tokens; the encoder reads the first "
+                         f"{llm_max_length} (with the magic string appended) and drops the rest")
+    bert_dir = os.path.join(model_dir, HUNYUAN_CLIP.folder, CLIP_TOKENIZER_DIR)
+    if os.path.isdir(bert_dir):
+        n = len(load_tokenizer(bert_dir)(text)["input_ids"])
+        if n > clip_max_length:
+            notes.append(f"the prompt is {n} CLIP tokens; CLIP reads the first {clip_max_length} "
+                         "and drops the rest")
+    return notes
