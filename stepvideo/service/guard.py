@@ -16,7 +16,7 @@ pool of threads. Out of the box it has three availability holes that this module
   ``send_timeout`` seconds is closed, which wakes the worker.
 
 The checks run in waitress' maintenance pass (every ``cleanup_interval`` = 1 s) on its event-loop
-thread. They rely on waitress 3 channel attributes (``request``, ``requests``,
+thread; the closes themselves run through waitress' trigger, outside the select() bookkeeping. They rely on waitress 3 channel attributes (``request``, ``requests``,
 ``total_outbufs_len``, ``last_activity``); ``setup.py`` pins ``waitress>=3,<4``.
 """
 
@@ -132,7 +132,8 @@ class GuardedServer(TcpWSGIServer):
                                 max(unsent_since, ch.last_sent))
             if why:
                 logger.warning("closing the connection from %s: %s", _host(ch), why)
-                ch.handle_close()
+                # Not here: maintenance runs while the event loop builds its select() lists.
+                self.trigger.pull_trigger(_closer(ch))
                 seen.pop(fd, None)
         self._seen = seen
 
@@ -149,6 +150,13 @@ class GuardedServer(TcpWSGIServer):
                 and now - ch.last_activity > lim.idle_timeout:
             return f"idle for {lim.idle_timeout:g} s"
         return None
+
+
+def _closer(ch):
+    def close():
+        if ch.socket is not None:
+            ch.handle_close()
+    return close
 
 
 def _host(ch) -> str:

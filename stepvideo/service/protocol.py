@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping
@@ -45,7 +46,13 @@ DEFAULT_PORT = 8080
 TOKEN_ENV = "STEPVIDEO_API_TOKEN"
 CONTENT_TYPE = "application/x-safetensors"
 ACCEPTED_CONTENT_TYPES = (CONTENT_TYPE, "application/octet-stream")
-MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_BYTES = 16 << 20       # a caption_request's header holds its prompts
+TENSOR_HEADER_BYTES = 64 << 10    # every other kind's header only describes its few tensors
+# JSON outside string literals (braces, keys' colons, numbers) per header or 'fields': what makes
+# json.loads slow (a 16 MB header of 250k tiny objects takes seconds and holds the GIL). Real
+# messages have under 200 bytes of it; the prompts are strings.
+MAX_JSON_STRUCTURE = 16 << 10
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # The safetensors dtypes a message may carry (bits per element); anything else (F4, F6_E2M3,
 # F8_E8M0, ...) is refused from the header. F64 and integers load, so that /vae-api can answer
@@ -107,7 +114,14 @@ def _names(names: Collection[str], at_most: int = 3) -> str:
 
 def parse_json(text: str | bytes, what: str) -> Any:
     """``json.loads`` whose every failure (syntax, nesting past the recursion limit, integers over
-    Python's 4300-digit conversion limit, bad UTF-8) is a :class:`MalformedMessage`."""
+    Python's 4300-digit conversion limit, bad UTF-8) is a :class:`MalformedMessage`; text with more
+    than :data:`MAX_JSON_STRUCTURE` bytes outside its strings is refused before parsing."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    structure = len(_JSON_STRING.sub(b"", raw))
+    if structure > MAX_JSON_STRUCTURE:
+        raise MalformedMessage(f"{what} has {structure} bytes of JSON outside strings (objects, "
+                               f"keys, numbers); a message has at most {MAX_JSON_STRUCTURE} (too "
+                               "many tensors or fields?)")
     try:
         return json.loads(text)
     except RecursionError as e:
@@ -136,13 +150,16 @@ def encode_message(kind: str, fields: Mapping[str, Any],
     return st_save(data, metadata=metadata)
 
 
-def read_header(body: bytes) -> dict[str, Any]:
+def read_header(body: bytes, max_header: int = MAX_HEADER_BYTES) -> dict[str, Any]:
     """The JSON header of a safetensors body, checked against the body's length."""
     if len(body) < 8:
         raise MalformedMessage(f"body of {len(body)} bytes is too short for a safetensors message "
                                "(8-byte header length, JSON header, tensor data)")
     (n,) = struct.unpack("<Q", body[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(body):
+    if n > max_header:
+        raise MalformedMessage(f"not a safetensors message of this kind: the first 8 bytes "
+                               f"announce a {n}-byte header, over its limit of {max_header}")
+    if 8 + n > len(body):
         raise MalformedMessage(f"not a safetensors message: the first 8 bytes announce a {n}-byte "
                                f"header but the body has {len(body)} bytes (truncated, or not "
                                f"{CONTENT_TYPE} at all)")
@@ -190,10 +207,11 @@ def check_tensor_entries(header: Mapping[str, Any], available: int, kind: str,
                                f"data but only {available} follow it")
 
 
-def decode_message(body: bytes, kind: str, names: Collection[str] | None = None) -> Message:
+def decode_message(body: bytes, kind: str, names: Collection[str] | None = None,
+                   max_header: int = MAX_HEADER_BYTES) -> Message:
     """Parse and check the envelope of a message that must be of ``kind`` and carry only the
     tensors ``names`` (None: any, at most :data:`MAX_TENSORS`); all checks before decoding."""
-    header = read_header(body)
+    header = read_header(body, max_header)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("protocol") != PROTOCOL:
         found = meta.get("protocol") if isinstance(meta, dict) else None
@@ -304,7 +322,8 @@ class CaptionResponse:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> "CaptionResponse":
-        msg = decode_message(body, cls.KIND, names=("y", "y_mask", "clip_embedding"))
+        msg = decode_message(body, cls.KIND, names=("y", "y_mask", "clip_embedding"),
+                             max_header=TENSOR_HEADER_BYTES)
         out = cls(_tensor(msg, "y"), _tensor(msg, "y_mask"), _tensor(msg, "clip_embedding"))
         out.check_shapes()
         return out
@@ -361,7 +380,8 @@ class VAERequest:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> "VAERequest":
-        msg = decode_message(body, cls.KIND, names=("latents",))
+        msg = decode_message(body, cls.KIND, names=("latents",),
+                             max_header=TENSOR_HEADER_BYTES)
         return cls(_tensor(msg, "latents"), _field(msg, "output", str, "float"))
 
     def validate(self, limits: VAELimits) -> None:
@@ -414,7 +434,8 @@ class VAEResponse:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> "VAEResponse":
-        msg = decode_message(body, cls.KIND, names=("video",))
+        msg = decode_message(body, cls.KIND, names=("video",),
+                             max_header=TENSOR_HEADER_BYTES)
         return cls(_tensor(msg, "video"), _field(msg, "output", str, "float"))
 
     def check(self, latent_shape: tuple[int, ...], output: str) -> None:
