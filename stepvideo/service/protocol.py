@@ -186,7 +186,7 @@ def check_tensor_entries(header: Mapping[str, Any], available: int, kind: str,
         if not isinstance(entry, dict):
             raise MalformedMessage(f"tensor {short(name)} in the header is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in WIRE_DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in WIRE_DTYPE_BITS:
             raise MalformedMessage(f"tensor {short(name)} has dtype {short(dtype)}; this protocol "
                                    f"carries {sorted(WIRE_DTYPE_BITS)}")
         if not (isinstance(shape, list) and len(shape) <= 8
