@@ -263,9 +263,13 @@ def test_connections_over_the_per_address_budget_get_a_503(url):
 # --------------------------------------------------------------------------------------------
 
 def test_vae_cost_limits_are_flags_shown_in_info(url):
-    limits = requests.get(url + "/info", timeout=5).json()["limits"]
+    info = requests.get(url + "/info", timeout=5).json()
+    limits, connections = info["limits"], info["connections"]
     assert (limits["max_video_frames"], limits["max_video_side"], limits["max_video_area"]) == \
         (34, 256, 32768)
+    assert (connections["header_timeout"], connections["send_timeout"],
+            connections["max_connections_per_ip"], limits["max_wait_in_line"]) == \
+        (HEADER_TIMEOUT, SEND_TIMEOUT, PER_IP, 10)
     cases = {"frames": (1, 9, Z, 1, 1), "side": (1, 3, Z, 17, 1), "area": (1, 3, Z, 12, 12),
              "issue 64x64": (1, 3, Z, 64, 64), "issue 3000 frames": (1, 3000, Z, 1, 1)}
     for name, shape in cases.items():

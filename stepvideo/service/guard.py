@@ -15,15 +15,24 @@ pool of threads. Out of the box it has three availability holes that this module
   it keeps the socket open. Here a connection whose answer makes no progress for
   ``send_timeout`` seconds is closed, which wakes the worker.
 
+Why waitress and not another server: its event loop already makes a slow connection cost a file
+descriptor, not a thread, so only the missing deadlines and budgets had to be added (about 100
+lines). gunicorn's sync and gthread workers hold a worker (or a thread) per connection and its docs
+send slow clients to a buffering proxy; its fork model would also load the models once per worker.
+cheroot's and uvicorn's documented timeouts bound single reads or keep-alive, not a whole header, so
+a dribbler still wins; tornado has a header deadline but would replace the WSGI stack the tests and
+``/info`` rely on.
+
 The checks run in waitress' maintenance pass (every ``cleanup_interval`` = 1 s) on its event-loop
-thread; the closes themselves run through waitress' trigger, outside the select() bookkeeping. They rely on waitress 3 channel attributes (``request``, ``requests``,
-``total_outbufs_len``, ``last_activity``); ``setup.py`` pins ``waitress>=3,<4``.
+thread; the closes themselves run through waitress' trigger, outside the select() bookkeeping.
+They rely on waitress 3 internals (the channel's ``request``, ``requests``, ``total_outbufs_len``,
+``last_activity``, the server's ``trigger``); tests/test_service_hardening.py exercises each check
+against a real server, so a waitress that changes them fails there.
 """
 
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -64,7 +73,12 @@ class ConnectionLimits:
 
 
 def ensure_file_limit(needed: int) -> None:
-    """Raise the soft RLIMIT_NOFILE to ``needed`` if the hard limit allows; ValueError if not."""
+    """Raise the soft RLIMIT_NOFILE to ``needed`` if the hard limit allows; ValueError if not.
+    (Windows has no such limit to raise.)"""
+    try:
+        import resource
+    except ImportError:
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
