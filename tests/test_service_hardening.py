@@ -176,9 +176,11 @@ def test_pipelined_unread_error_answers_do_not_freeze_the_server(url, expected):
 
 def test_client_that_never_reads_its_answer_does_not_hold_a_worker(served, expected):
     proc, url = served
-    # 64 copies of one prompt: cheap (the cache answers 63) and a ~6 MB answer, far over
-    # --max_unsent_mb 1, so a worker must wait for this client, which never reads.
-    body = http_request("/caption-api", CaptionRequest(("never read",) * 64).to_bytes())
+    # 64 copies of one prompt: cheap (the cache answers 63) and a ~6 MB answer, over
+    # --max_unsent_mb 1 plus the socket buffers. Pipelined twice in one packet, so the worker
+    # must wait for the first answer to drain before it serves the second: a client that never
+    # reads parks that worker (without a send timeout, for as long as it keeps the socket).
+    body = http_request("/caption-api", CaptionRequest(("never read",) * 64).to_bytes()) * 2
     held: list[socket.socket] = []
 
     def attack(stop):
