@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import struct
 import subprocess
@@ -95,7 +96,7 @@ def under_attack(url: str, expected: dict, attack, seconds: float) -> int:
         stop.set()
         worker.join(timeout=30)
     assert not errors, errors
-    assert probes >= 2
+    assert probes >= 1, "no probe ran during the attack"
     return probes
 
 
@@ -215,28 +216,26 @@ def test_slow_header_dribblers_do_not_lock_anyone_out(url, expected):
     socks: list[tuple[socket.socket, float]] = []
 
     def attack(stop):
-        try:
-            for src in sources:
-                s = socket.socket()
-                s.bind((src, 0))
-                s.connect(("127.0.0.1", port))
-                s.send(b"POST /caption-api HTTP/1.1\r\n")
-                socks.append((s, time.monotonic()))
-            for i in range(8):                    # one header line every 0.5 s
-                if stop.wait(0.5):
-                    break
-                for s, _ in socks:
-                    try:
-                        s.send(f"X-Slow-{i}: {i}\r\n".encode())
-                    except OSError:
-                        pass
-        finally:
-            pass
+        for src in sources:
+            s = socket.socket()
+            s.bind((src, 0))
+            s.connect(("127.0.0.1", port))
+            s.send(b"POST /caption-api HTTP/1.1\r\n")
+            socks.append((s, time.monotonic()))
+        for i in range(8):                        # one header line every 0.5 s
+            if stop.wait(0.5):
+                break
+            for s, _ in socks:
+                try:
+                    s.send(f"X-Slow-{i}: {i}\r\n".encode())
+                except OSError:                   # the server has closed it: what we want
+                    pass
 
     under_attack(url, expected, attack, seconds=5)
     try:
+        deadline = HEADER_TIMEOUT + 2.5               # the 1 s maintenance tick, plus slack
         late = [s for s, opened in socks
-                if not closed_by_server(s, max(0.1, opened + HEADER_TIMEOUT + 2.5 - time.monotonic()))]
+                if not closed_by_server(s, max(0.1, opened + deadline - time.monotonic()))]
         assert len(socks) == len(sources) and not late, f"{len(late)} dribblers still open"
     finally:
         for s, _ in socks:
@@ -557,3 +556,48 @@ def test_model_line_is_first_come_first_served_and_bounded():
     release.set()
     holder.join(10)
     assert slow.summary()["timed_out_in_line"] == 1 and slow.pending == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The README's reverse-proxy example
+# --------------------------------------------------------------------------------------------
+
+def readme_nginx_server_block() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("**Behind a reverse proxy.**", 1)[1].split("```nginx\n", 1)[1]
+    return block.split("```", 1)[0]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_readme_reverse_proxy_config_serves_and_drops_slow_headers(url, expected, tmp_path):
+    block = readme_nginx_server_block()
+    port = free_port()
+    for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{port};"),
+                     ("http://127.0.0.1:8080", url), ("client_header_timeout 10s",
+                                                       "client_header_timeout 2s")):
+        assert old in block, old
+        block = block.replace(old, new)
+    temp = "".join(f"{kind}_temp_path {tmp_path}/{kind};\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+                    f"http {{\naccess_log off;\n{temp}{block}}}\n", encoding="utf-8")
+    proc = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proxied = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                requests.get(proxied + "/health", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.1)
+        probe(proxied, expected)
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.send(b"POST /caption-api HTTP/1.1\r\n")
+            assert closed_by_server(slow, within=4)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
