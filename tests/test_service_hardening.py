@@ -467,16 +467,25 @@ def _start(model_dir: str, *args: str, env: dict | None = None) -> subprocess.Co
                           env={**os.environ, "STEPVIDEO_API_TOKEN": "", **(env or {})})
 
 
-def test_whitespace_and_non_ascii_tokens_are_refused_at_startup(tiny_model_dir, tmp_path):
+def test_whitespace_and_non_ascii_tokens_are_refused_at_startup(tiny_model_dir, monkeypatch):
+    from stepvideo.service.server import ServerOptions, ServiceConfigError, check_bind
+
     port = str(free_port())
-    for args, env, words in (
-            (("--token", "   "), None, "refusing to listen on 0.0.0.0 without a token"),
-            ((), {"STEPVIDEO_API_TOKEN": " \t "}, "refusing to listen on 0.0.0.0 without a token"),
-            (("--token", "s3crét"), None, "not printable ASCII"),
-            ((), {"STEPVIDEO_API_TOKEN": "a\u00a0b"}, "not printable ASCII")):
-        out = _start(tiny_model_dir, "--host", "0.0.0.0", "--port", port, *args, env=env)
-        assert out.returncode == 2, (args, env, out.stderr[-2000:])
+    for args, words in ((("--token", "   "), "refusing to listen on 0.0.0.0 without a token"),
+                        (("--token", "s3crét"), "not printable ASCII")):
+        out = _start(tiny_model_dir, "--host", "0.0.0.0", "--port", port, *args)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
         assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+    # The same rules for the environment variable, in process.
+    monkeypatch.setenv("STEPVIDEO_API_TOKEN", " \t ")
+    token = ServerOptions("m", host="0.0.0.0").resolved_token()
+    with pytest.raises(ServiceConfigError, match="without a token"):
+        check_bind("0.0.0.0", token)
+    monkeypatch.setenv("STEPVIDEO_API_TOKEN", "a\u00a0b")
+    with pytest.raises(ServiceConfigError, match="not printable ASCII"):
+        ServerOptions("m", host="0.0.0.0").resolved_token()
+    monkeypatch.setenv("STEPVIDEO_API_TOKEN", "  fine-token\n")
+    assert ServerOptions("m").resolved_token() == "fine-token"
 
 
 def test_client_raises_service_error_for_unsendable_tokens_and_prompts(url):

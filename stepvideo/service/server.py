@@ -137,20 +137,23 @@ class ModelSlot:
                                          "are already in line; retry later")
             self._line.append(ticket)
             deadline = time.monotonic() + self.max_wait
-            while self._running or self._line[0] is not ticket:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._line.remove(ticket)
-                    self.timed_out += 1
-                    self._turn.notify_all()
-                    raise ServiceUnavailable(f"{self.name} model is busy: waited "
-                                             f"{self.max_wait:g} s in line; retry later")
-                self._turn.wait(left)
+            try:
+                while self._running or self._line[0] is not ticket:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.timed_out += 1
+                        raise ServiceUnavailable(f"{self.name} model is busy: waited "
+                                                 f"{self.max_wait:g} s in line; retry later")
+                    self._turn.wait(left)
+            except BaseException:
+                self._line.remove(ticket)       # never leave a dead ticket at the head
+                self._turn.notify_all()
+                raise
             self._line.popleft()
             self._running = True
 
     def run(self, fn: Callable[[Any], Any]) -> Any:
-        """``fn(model)`` under the lock; a model exception becomes a ModelFailure (500)."""
+        """``fn(model)`` in this request's turn; a model exception becomes a ModelFailure (500)."""
         with self.use() as model:
             try:
                 out = fn(model)
