@@ -8,7 +8,7 @@ The same command is installed as ``stepvideo-server``. The flags and the server 
 
 import sys
 
-from stepvideo.service.cli import main
+from stepvideo.service.cli import main, parse_args  # noqa: F401 - parse_args for callers of this script
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,10 @@ import argparse
 import logging
 import sys
 
-from .protocol import DEFAULT_PORT, MAX_LATENT_ELEMENTS, TOKEN_ENV
-from .server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_THREADS,
+from .guard import ConnectionLimits
+from .protocol import (DEFAULT_PORT, MAX_LATENT_ELEMENTS, MAX_VIDEO_AREA, MAX_VIDEO_FRAMES,
+                       MAX_VIDEO_SIDE, TOKEN_ENV)
+from .server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_MAX_WAIT, DEFAULT_THREADS,
                      ServerOptions, ServiceConfigError, run_server)
 from ..devices import DTYPE_CHOICES
 from ..weights import CheckpointError
@@ -61,7 +63,42 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--max_latent_elements", type=int, default=MAX_LATENT_ELEMENTS,
                    help="largest latent tensor (all dims multiplied) one /vae-api request may "
                         "send (422 above it); a 204x544x992 video is 4.86 M")
+    cost = p.add_argument_group("cost of one /vae-api request (422 above; shown in /info)")
+    cost.add_argument("--max_video_frames", type=int, default=MAX_VIDEO_FRAMES,
+                      help="frames of the decoded video (17 per 3 latent frames)")
+    cost.add_argument("--max_video_side", type=int, default=MAX_VIDEO_SIDE,
+                      help="pixels on either side of a decoded frame (16 per latent pixel)")
+    cost.add_argument("--max_video_area", type=int, default=MAX_VIDEO_AREA,
+                      help="pixels per decoded frame (1280x720; 544x992 fits)")
+    cost.add_argument("--max_wait", type=float, default=DEFAULT_MAX_WAIT,
+                      help="seconds a request may wait in its model's first-come-first-served "
+                           "line before a retryable 503")
+    d = ConnectionLimits()
+    sock = p.add_argument_group("connections (slow or hostile clients; shown in /info)")
+    sock.add_argument("--max_connections", type=int, default=d.max_connections,
+                      help="open connections in all")
+    sock.add_argument("--max_connections_per_ip", type=int, default=d.max_connections_per_ip,
+                      help="open connections per client address (0: no per-address budget; "
+                           "behind a reverse proxy every client has the proxy's address)")
+    sock.add_argument("--header_timeout", type=float, default=d.header_timeout,
+                      help="seconds from a request's first byte to the end of its headers")
+    sock.add_argument("--request_timeout", type=float, default=d.request_timeout,
+                      help="seconds from a request's first byte to the end of its body")
+    sock.add_argument("--send_timeout", type=float, default=d.send_timeout,
+                      help="seconds an answer may go unread before the connection is closed")
+    sock.add_argument("--idle_timeout", type=float, default=d.idle_timeout,
+                      help="seconds an idle keep-alive connection stays open")
+    sock.add_argument("--max_unsent_mb", type=float, default=d.max_unsent / (1 << 20),
+                      help="MiB of an answer buffered before its worker waits for the client")
     a = p.parse_args(argv)
+    try:
+        connections = ConnectionLimits(
+            a.max_connections, a.max_connections_per_ip, a.header_timeout, a.request_timeout,
+            a.send_timeout, a.idle_timeout, int(a.max_unsent_mb * (1 << 20)))
+    except ValueError as e:
+        p.error(str(e))
+    if not a.max_wait > 0:
+        p.error(f"--max_wait must be > 0, got {a.max_wait}")
     if a.token:
         print(f"warning: --token on the command line is visible to other users (ps, "
               f"/proc/PID/cmdline); set {TOKEN_ENV} or use --token_file instead", file=sys.stderr)
@@ -69,7 +106,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                          vae_dir=a.vae_dir, host=a.host, port=a.port, device=a.device,
                          dtype=a.dtype, token=a.token, token_file=a.token_file,
                          max_body=int(a.max_body_mb * (1 << 20)), threads=a.threads,
-                         cache_size=a.cache_size, max_latent_elements=a.max_latent_elements)
+                         cache_size=a.cache_size, max_latent_elements=a.max_latent_elements,
+                         max_video_frames=a.max_video_frames, max_video_side=a.max_video_side,
+                         max_video_area=a.max_video_area, max_wait=a.max_wait,
+                         connections=connections)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,9 @@ release's style of passing the endpoint URL also works.
 
 Retries: connection failures (refused, reset, connect timeout: the server is down or restarting)
 and retryable 503s (the server is still loading its models or a model's queue is full; a 503 for a
-model that failed to load is final) are retried with exponential backoff for up to
-``RetryPolicy.max_wait`` seconds. 4xx answers, 500 (a model failed) and read
+model that failed to load is final) are retried with jittered exponential backoff for up to
+``RetryPolicy.max_wait`` seconds (jitter, so that clients turned away together do not come back
+together). 4xx answers, 500 (a model failed) and read
 timeouts are not retried: they raise :class:`ServiceError` naming the service, the URL, the HTTP
 status and the server's message.
 
@@ -23,6 +24,7 @@ Token: the ``token`` argument, else the ``STEPVIDEO_API_TOKEN`` environment vari
 from __future__ import annotations
 
 import os
+import random
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -32,7 +34,8 @@ import torch
 
 from ..conditioning import TextEmbeddings
 from .protocol import (CONTENT_TYPE, DEFAULT_PORT, MAX_LATENT_ELEMENTS, MAX_VAE_BATCH, TOKEN_ENV,
-                       CaptionRequest, CaptionResponse, ProtocolError, VAERequest, VAEResponse)
+                       CaptionRequest, CaptionResponse, ProtocolError, VAERequest, VAEResponse,
+                       check_text)
 
 ENDPOINTS = ("/caption-api", "/vae-api", "/health", "/info")
 
@@ -73,16 +76,23 @@ class ServiceError(RuntimeError):
 @dataclass(frozen=True)
 class RetryPolicy:
     """Backoff for connection failures and 503: 0.5 s, 1 s, 2 s ... capped at ``max_backoff``,
-    for at most ``max_wait`` seconds in all."""
+    each drawn uniformly from [(1 - jitter) x, x], for at most ``max_wait`` seconds in all."""
 
     max_wait: float = 120.0
     initial_backoff: float = 0.5
     max_backoff: float = 8.0
+    jitter: float = 0.5
 
-    def delays(self):
+    def __post_init__(self):
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+
+    def delays(self, rng: random.Random | None = None):
+        rng = rng or random.Random()
         delay, spent = self.initial_backoff, 0.0
         while spent < self.max_wait:
-            step = min(delay, self.max_backoff, self.max_wait - spent)
+            step = min(min(delay, self.max_backoff) * (1 - self.jitter * rng.random()),
+                       self.max_wait - spent)
             yield step
             spent += step
             delay *= 2
@@ -95,7 +105,12 @@ class _RemoteService:
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0,
                  connect_timeout: float = 10.0, retry: RetryPolicy = RetryPolicy()):
         self.base_url = normalize_url(url)
-        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.token = token.strip() if token and token.strip() else None
+        if self.token and not all("!" <= c <= "~" for c in self.token):
+            raise ServiceError(self.service, self.base_url, "the token has a character that is "
+                               "not printable ASCII (or a space); it cannot travel in an HTTP "
+                               f"header (check {TOKEN_ENV} or token=)")
         self.timeout, self.connect_timeout, self.retry = timeout, connect_timeout, retry
 
     @property
@@ -245,8 +260,13 @@ class RemoteTextEncoder(_RemoteService):
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        answer = self._parse(CaptionResponse.from_bytes, self._post(CaptionRequest(tuple(prompts))
-                                                                    .to_bytes()))
+        try:
+            for i, p in enumerate(prompts):
+                check_text(p, f"prompt {i}")
+            body = CaptionRequest(tuple(prompts)).to_bytes()
+        except (ProtocolError, UnicodeError) as e:
+            raise ServiceError(self.service, self.url, f"cannot send the prompts: {e}") from e
+        answer = self._parse(CaptionResponse.from_bytes, self._post(body))
         try:
             answer.check_shapes(batch=len(prompts))
         except ProtocolError as e:

@@ -12,9 +12,13 @@ The header is the standard safetensors header (``name -> {dtype, shape, data_off
     "kind":     "caption_request" | "caption_response" | "vae_request" | "vae_response"
     "fields":   a JSON object with the message's fields (prompts, options, sizes)
 
-A body is read in two steps: the header is parsed with ``json`` and checked (protocol, kind, that
-the tensor data fits the body), then the tensors are read with ``safetensors.torch.load``. Nothing
-is ever unpickled. Errors are JSON (``{"error": ..., "status": ..., "service": ...}``).
+A body is read in two steps: the header is parsed with ``json`` and checked from the header alone
+(protocol, kind, ``fields``, that every tensor is one the message kind carries, with a dtype this
+protocol knows, a shape that matches its byte range and data that fits the body), then the tensors
+are read with ``safetensors.torch.load``. A body with unknown or too many tensors is refused before
+any tensor is decoded. Nothing is ever unpickled. Errors are JSON (``{"error": ..., "status": ...,
+"service": ...}``), at most :data:`MAX_ERROR_CHARS` long, and echo at most :data:`ECHO_CHARS` of any
+value the client sent.
 
 Statuses: :class:`MalformedMessage` (400) for a body that is not a well-formed message of the
 expected kind; :class:`PayloadTooLarge` (413); :class:`InvalidPayload` (422) for a well-formed
@@ -24,9 +28,11 @@ message whose tensors or values do not fit the hosted models (shape, dtype, limi
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -40,15 +46,36 @@ DEFAULT_PORT = 8080
 TOKEN_ENV = "STEPVIDEO_API_TOKEN"
 CONTENT_TYPE = "application/x-safetensors"
 ACCEPTED_CONTENT_TYPES = (CONTENT_TYPE, "application/octet-stream")
-MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_BYTES = 16 << 20       # a caption_request's header holds its prompts
+TENSOR_HEADER_BYTES = 64 << 10    # every other kind's header only describes its few tensors
+# JSON outside string literals (braces, keys' colons, numbers) per header or 'fields': what makes
+# json.loads slow (a 16 MB header of 250k tiny objects takes seconds and holds the GIL). Real
+# messages have under 200 bytes of it; the prompts are strings.
+MAX_JSON_STRUCTURE = 16 << 10
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# The safetensors dtypes a message may carry (bits per element); anything else (F4, F6_E2M3,
+# F8_E8M0, ...) is refused from the header. F64 and integers load, so that /vae-api can answer
+# "wrong dtype" with a 422 that names the accepted ones.
+WIRE_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16,
+                   "I8": 8, "U8": 8, "BOOL": 8}
+MAX_TENSORS = 8                  # per message when the kind does not name its tensors
 OUTPUT_KINDS = ("float", "uint8")
+MAX_ERROR_CHARS = 1000           # an error message is cut here (it never carries bulk data)
+ECHO_CHARS = 64                  # at most this much of a client's value is quoted in an error
 
 # The VAE endpoint's per-request cap. A full 204-frame 544x992 job is (1, 36, 64, 34, 62) = 4.86 M
 # latent elements; the decoded float video is 68x that (17/3 frames, 3 colours, 16x16 pixels per
 # latent element over 64 channels), so 2**23 already allows ~0.57 G output elements per request.
 MAX_LATENT_ELEMENTS = 1 << 23
 MAX_VAE_BATCH = 4
+# Cost limits of one /vae-api request, in video pixels: the element cap alone does not bound cost
+# (the mid-block attention is quadratic in 20 h w tokens per chunk). The defaults are what the
+# largest supported videos need: 204 frames (the release's length), 1280x720 or 720x1280, and
+# 544x992 (539,648 pixels per frame).
+MAX_VIDEO_FRAMES = 204
+MAX_VIDEO_SIDE = 1280
+MAX_VIDEO_AREA = 1280 * 720
 
 
 class ProtocolError(ValueError):
@@ -67,6 +94,40 @@ class PayloadTooLarge(ProtocolError):
 
 class InvalidPayload(ProtocolError):
     status = 422
+
+
+def short(value: Any) -> str:
+    """``repr`` of a client's value cut to :data:`ECHO_CHARS`: errors never echo bulk input."""
+    if not isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return f"<{type(value).__name__}>"
+    text = repr(value[:ECHO_CHARS + 1] if isinstance(value, (str, bytes)) else value)
+    if len(text) <= ECHO_CHARS:
+        return text
+    size = f" of {len(value)} chars" if isinstance(value, (str, bytes)) else ""
+    return f"{text[:ECHO_CHARS]}...(cut{size})"
+
+
+def _names(names: Collection[str], at_most: int = 3) -> str:
+    shown = ", ".join(short(n) for n in list(names)[:at_most])
+    return shown + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` whose every failure (syntax, nesting past the recursion limit, integers over
+    Python's 4300-digit conversion limit, bad UTF-8) is a :class:`MalformedMessage`; text with more
+    than :data:`MAX_JSON_STRUCTURE` bytes outside its strings is refused before parsing."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    structure = len(_JSON_STRING.sub(b"", raw))
+    if structure > MAX_JSON_STRUCTURE:
+        raise MalformedMessage(f"{what} has {structure} bytes of JSON outside strings (objects, "
+                               f"keys, numbers); a message has at most {MAX_JSON_STRUCTURE} (too "
+                               "many tensors or fields?)")
+    try:
+        return json.loads(text)
+    except RecursionError as e:
+        raise MalformedMessage(f"{what} is nested too deeply to parse") from e
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise MalformedMessage(f"{what} is not valid JSON: {str(e)[:200]}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,60 +150,86 @@ def encode_message(kind: str, fields: Mapping[str, Any],
     return st_save(data, metadata=metadata)
 
 
-def read_header(body: bytes) -> dict[str, Any]:
+def read_header(body: bytes, max_header: int = MAX_HEADER_BYTES) -> dict[str, Any]:
     """The JSON header of a safetensors body, checked against the body's length."""
     if len(body) < 8:
         raise MalformedMessage(f"body of {len(body)} bytes is too short for a safetensors message "
                                "(8-byte header length, JSON header, tensor data)")
     (n,) = struct.unpack("<Q", body[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(body):
+    if n > max_header:
+        raise MalformedMessage(f"not a safetensors message of this kind: the first 8 bytes "
+                               f"announce a {n}-byte header, over its limit of {max_header}")
+    if 8 + n > len(body):
         raise MalformedMessage(f"not a safetensors message: the first 8 bytes announce a {n}-byte "
                                f"header but the body has {len(body)} bytes (truncated, or not "
                                f"{CONTENT_TYPE} at all)")
-    try:
-        header = json.loads(body[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MalformedMessage(f"safetensors header is not valid UTF-8 JSON: {e}") from e
+    header = parse_json(body[8:8 + n], "safetensors header")
     if not isinstance(header, dict):
         raise MalformedMessage("safetensors header must be a JSON object")
-    _check_data_size(header, len(body) - 8 - n)
     return header
 
 
-def _check_data_size(header: Mapping[str, Any], available: int) -> None:
+def check_tensor_entries(header: Mapping[str, Any], available: int, kind: str,
+                         names: Collection[str] | None = None) -> None:
+    """From the header alone: the tensors are ``names`` (or at most :data:`MAX_TENSORS` of any
+    name), each with a known dtype, a shape whose byte size is its data range, inside the body."""
+    given = [k for k in header if k != "__metadata__"]
+    unknown = [k for k in given if names is not None and k not in names]
+    if unknown:
+        raise MalformedMessage(f"{kind} carries unexpected tensor(s) {_names(unknown)}; it "
+                               f"takes only {sorted(names) or 'no tensors'}")
+    if len(given) > MAX_TENSORS:
+        raise MalformedMessage(f"{kind} carries {len(given)} tensors; at most {MAX_TENSORS}")
     needed = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    for name in given:
+        entry = header[name]
+        if not isinstance(entry, dict):
+            raise MalformedMessage(f"tensor {short(name)} in the header is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in WIRE_DTYPE_BITS:
+            raise MalformedMessage(f"tensor {short(name)} has dtype {short(dtype)}; this protocol "
+                                   f"carries {sorted(WIRE_DTYPE_BITS)}")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
+            raise MalformedMessage(f"tensor {short(name)} has no valid shape (a list of at most "
+                                   "8 non-negative integers)")
         if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) and o >= 0 for o in offsets)):
-            raise MalformedMessage(f"tensor {name!r} in the header has no valid data_offsets")
+                and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+            raise MalformedMessage(f"tensor {short(name)} in the header has no valid data_offsets")
+        size = math.prod(shape) * WIRE_DTYPE_BITS[dtype] // 8
+        if offsets[1] - offsets[0] != size:
+            raise MalformedMessage(f"tensor {short(name)} of shape {shape} and dtype {dtype} "
+                                   f"needs {size} bytes but its data_offsets span "
+                                   f"{offsets[1] - offsets[0]}")
         needed = max(needed, offsets[1])
     if needed > available:
         raise MalformedMessage(f"truncated body: the header declares {needed} bytes of tensor "
                                f"data but only {available} follow it")
 
 
-def decode_message(body: bytes, kind: str) -> Message:
-    """Parse and check the envelope of a message that must be of ``kind``."""
-    meta = read_header(body).get("__metadata__")
+def decode_message(body: bytes, kind: str, names: Collection[str] | None = None,
+                   max_header: int = MAX_HEADER_BYTES) -> Message:
+    """Parse and check the envelope of a message that must be of ``kind`` and carry only the
+    tensors ``names`` (None: any, at most :data:`MAX_TENSORS`); all checks before decoding."""
+    header = read_header(body, max_header)
+    meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("protocol") != PROTOCOL:
         found = meta.get("protocol") if isinstance(meta, dict) else None
         raise MalformedMessage(f"expected a {PROTOCOL} message (safetensors __metadata__ "
-                               f"'protocol'), found {found!r}")
+                               f"'protocol'), found {short(found)}")
     if meta.get("kind") != kind:
-        raise MalformedMessage(f"expected a {kind!r} message, got {meta.get('kind')!r}")
-    try:
-        fields = json.loads(meta.get("fields", "{}"))
-    except json.JSONDecodeError as e:
-        raise MalformedMessage(f"'fields' metadata is not valid JSON: {e}") from e
+        raise MalformedMessage(f"expected a {kind!r} message, got {short(meta.get('kind'))}")
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise MalformedMessage("safetensors __metadata__ values must all be strings")
+    fields = parse_json(meta.get("fields", "{}"), "'fields' metadata")
     if not isinstance(fields, dict):
-        raise MalformedMessage("'fields' metadata must be a JSON object")
+        raise MalformedMessage(f"'fields' metadata must be a JSON object, got "
+                               f"{type(fields).__name__}")
+    check_tensor_entries(header, len(body) - 8 - struct.unpack("<Q", body[:8])[0], kind, names)
     try:
         tensors = st_load(body)
-    except (SafetensorError, ValueError, TypeError) as e:
-        raise MalformedMessage(f"cannot read the tensors of the message: {e}") from e
+    except (SafetensorError, ValueError, TypeError, KeyError) as e:
+        raise MalformedMessage(f"cannot read the tensors of the message: {str(e)[:200]}") from e
     return Message(kind, fields, tensors)
 
 
@@ -162,6 +249,16 @@ def _field(msg: Message, name: str, types: type | tuple[type, ...], default: Any
     if not isinstance(value, types):
         raise MalformedMessage(f"{msg.kind} field {name!r} has type {type(value).__name__}")
     return value
+
+
+def check_text(text: str, what: str) -> None:
+    """A string that UTF-8 can carry: JSON's ``\\ud800`` escapes give lone surrogates, which no
+    tokenizer (and no safetensors header) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MalformedMessage(f"{what} is not valid Unicode text: {e.reason} at character "
+                               f"{e.start} (a lone surrogate such as \\ud800)") from e
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -192,10 +289,12 @@ class CaptionRequest:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> "CaptionRequest":
-        msg = decode_message(body, cls.KIND)
+        msg = decode_message(body, cls.KIND, names=())
         prompts = _field(msg, "prompts", list)
         if not all(isinstance(p, str) for p in prompts):
             raise MalformedMessage("caption_request 'prompts' must be a list of strings")
+        for i, p in enumerate(prompts):
+            check_text(p, f"prompt {i}")
         return cls(tuple(prompts))
 
     def validate(self, limits: CaptionLimits) -> None:
@@ -223,7 +322,8 @@ class CaptionResponse:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> "CaptionResponse":
-        msg = decode_message(body, cls.KIND)
+        msg = decode_message(body, cls.KIND, names=("y", "y_mask", "clip_embedding"),
+                             max_header=TENSOR_HEADER_BYTES)
         out = cls(_tensor(msg, "y"), _tensor(msg, "y_mask"), _tensor(msg, "clip_embedding"))
         out.check_shapes()
         return out
@@ -251,6 +351,19 @@ class VAELimits:
     max_latent_elements: int = MAX_LATENT_ELEMENTS
     max_batch: int = MAX_VAE_BATCH
     dtypes: tuple[str, ...] = tuple(FLOAT_DTYPES)
+    max_frames: int = MAX_VIDEO_FRAMES
+    max_side: int = MAX_VIDEO_SIDE
+    max_area: int = MAX_VIDEO_AREA
+
+    def __post_init__(self):
+        for name in ("max_latent_elements", "max_batch", "max_frames", "max_side", "max_area"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_frames < FRAMES_PER_CHUNK or self.max_side < SPATIAL_FACTOR \
+                or self.max_area < SPATIAL_FACTOR ** 2:
+            raise ValueError(f"max_frames {self.max_frames}, max_side {self.max_side} and "
+                             f"max_area {self.max_area} must allow one {FRAMES_PER_CHUNK}-frame "
+                             f"chunk of {SPATIAL_FACTOR}x{SPATIAL_FACTOR} pixels")
 
 
 @dataclass
@@ -267,13 +380,15 @@ class VAERequest:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> "VAERequest":
-        msg = decode_message(body, cls.KIND)
+        msg = decode_message(body, cls.KIND, names=("latents",),
+                             max_header=TENSOR_HEADER_BYTES)
         return cls(_tensor(msg, "latents"), _field(msg, "output", str, "float"))
 
     def validate(self, limits: VAELimits) -> None:
         z, lat = limits.z_channels, self.latents
         if self.output not in OUTPUT_KINDS:
-            raise InvalidPayload(f"output must be one of {list(OUTPUT_KINDS)}, got {self.output!r}")
+            raise InvalidPayload(f"output must be one of {list(OUTPUT_KINDS)}, got "
+                                 f"{short(self.output)}")
         names = {v: k for k, v in FLOAT_DTYPES.items()}
         if names.get(lat.dtype) not in limits.dtypes:
             allowed = [str(FLOAT_DTYPES[d]).replace("torch.", "") for d in limits.dtypes]
@@ -292,6 +407,20 @@ class VAERequest:
                                  f"most max_latent_elements={limits.max_latent_elements} per "
                                  "request (split the batch, or start the server with a larger "
                                  "--max_latent_elements)")
+        self._check_cost(limits)
+
+    def _check_cost(self, limits: VAELimits) -> None:
+        """Frames, sides and pixels per frame of the decoded video: what a decode costs."""
+        _, f, _, h, w = self.latents.shape
+        frames = f // LATENTS_PER_CHUNK * FRAMES_PER_CHUNK
+        hh, ww = h * SPATIAL_FACTOR, w * SPATIAL_FACTOR
+        if frames > limits.max_frames or max(hh, ww) > limits.max_side \
+                or hh * ww > limits.max_area:
+            raise InvalidPayload(
+                f"latents {tuple(self.latents.shape)} decode to {frames} frames of {hh}x{ww} "
+                f"pixels; this server decodes at most {limits.max_frames} frames "
+                f"(--max_video_frames), sides of {limits.max_side} (--max_video_side) and "
+                f"{limits.max_area} pixels per frame (--max_video_area)")
 
 
 @dataclass
@@ -305,7 +434,8 @@ class VAEResponse:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> "VAEResponse":
-        msg = decode_message(body, cls.KIND)
+        msg = decode_message(body, cls.KIND, names=("video",),
+                             max_header=TENSOR_HEADER_BYTES)
         return cls(_tensor(msg, "video"), _field(msg, "output", str, "float"))
 
     def check(self, latent_shape: tuple[int, ...], output: str) -> None:
@@ -342,4 +472,6 @@ class ErrorBody:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"error": self.error, "status": self.status, "service": self.service, **self.extra}
+        error = self.error if len(self.error) <= MAX_ERROR_CHARS else \
+            self.error[:MAX_ERROR_CHARS] + "...(cut)"
+        return {"error": error, "status": self.status, "service": self.service, **self.extra}

@@ -15,15 +15,21 @@ model's queue is full (retry), 500 a failure inside a model (the message says wh
 A CUDA error inside a model (device-side assert, illegal address: the CUDA context is unusable
 afterwards) also marks that model "failed", so /health stops saying ready; out of memory does not.
 
-Each model has its own lock, so a caption request never waits for a VAE decode, and a bounded
-number of requests may wait per model (the rest get 503 and retry): waitress always keeps threads
-for ``/health``. Models load in a background thread after the socket is bound, so ``/health``
-answers "loading" at once. Binding anything but a loopback address needs a token.
+Each model has its own first-come-first-served line, so a caption request never waits for a VAE
+decode; a bounded number of requests may wait per model, each for at most ``max_wait`` seconds
+(the rest get a retryable 503): waitress always keeps threads for ``/health``. Bodies are checked
+from their header before anything is decoded or queued, and a VAE request's cost is bounded by
+frames, side and pixels per frame (``AppLimits``). Sockets are guarded by
+:mod:`stepvideo.service.guard` (header/request deadlines, per-address connection budget, send
+timeout). Models load in a background thread after the socket is bound, so ``/health`` answers
+"loading" at once. Binding anything but a loopback address needs a token of printable ASCII.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
@@ -31,21 +37,24 @@ import os
 import platform
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
+from ..layout import HUNYUAN_CLIP, STEP_LLM, VAE
+from .guard import ConnectionLimits, create_guarded_server
 from .protocol import (ACCEPTED_CONTENT_TYPES, CONTENT_TYPE, DEFAULT_PORT, MAX_LATENT_ELEMENTS,
-                       MAX_VAE_BATCH, PROTOCOL, TOKEN_ENV, CaptionLimits, CaptionRequest,
-                       CaptionResponse, ErrorBody, ProtocolError, VAELimits, VAERequest,
-                       VAEResponse)
+                       MAX_VAE_BATCH, MAX_VIDEO_AREA, MAX_VIDEO_FRAMES, MAX_VIDEO_SIDE, PROTOCOL,
+                       TOKEN_ENV, CaptionLimits, CaptionRequest, CaptionResponse, ErrorBody,
+                       ProtocolError, VAELimits, VAERequest, VAEResponse, short)
 
 logger = logging.getLogger("stepvideo.service")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BODY = 256 << 20          # 256 MiB: latents of 204 frames at 544x992 are ~10 MB
 DEFAULT_THREADS = 16
+DEFAULT_MAX_WAIT = 60.0               # seconds a request may wait in a model's line
 HEALTH_HINT = "see /info or the server log"
 
 
@@ -82,14 +91,23 @@ def is_cuda_error(e: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------
 
 class ModelSlot:
-    """One hosted model: its load state, an inference lock and a bounded waiting line."""
+    """One hosted model: its load state and a bounded first-come-first-served line.
 
-    def __init__(self, name: str, max_pending: int):
-        self.name, self.max_pending = name, max_pending
+    At most ``max_pending`` requests are in the line (the one running included); the rest get a
+    retryable 503 at once, and one that waits longer than ``max_wait`` seconds gets one too.
+    Python's locks are not fair, so the line is a deque of tickets under a condition variable."""
+
+    def __init__(self, name: str, max_pending: int, max_wait: float = DEFAULT_MAX_WAIT):
+        self.name, self.max_pending, self.max_wait = name, max_pending, max_wait
         self.state, self.detail, self.model = "absent", "not configured on this server", None
-        self.lock = threading.Lock()
-        self._gate = threading.Lock()
-        self.pending = self.served = self.failed = 0
+        self._turn = threading.Condition()
+        self._line: collections.deque[object] = collections.deque()
+        self._running = False
+        self.served = self.failed = self.timed_out = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._line) + self._running
 
     def set_state(self, state: str, detail: str, model: Any = None) -> None:
         self.model, self.state, self.detail = model, state, detail
@@ -102,22 +120,41 @@ class ModelSlot:
 
     @contextlib.contextmanager
     def use(self) -> Iterator[Any]:
-        """Wait for the model's lock (if the line is not full) and run one request on it."""
+        """Wait for this request's turn (if the line is not full) and run it on the model."""
         self.ready_model()
-        with self._gate:
+        self._wait_turn()
+        try:
+            yield self.ready_model()     # it may have failed while this request waited
+        finally:
+            with self._turn:
+                self._running = False
+                self._turn.notify_all()
+
+    def _wait_turn(self) -> None:
+        ticket = object()
+        with self._turn:
             if self.pending >= self.max_pending:
                 raise ServiceUnavailable(f"{self.name} model is busy: {self.pending} requests "
-                                         "are already queued; retry later")
-            self.pending += 1
-        try:
-            with self.lock:
-                yield self.ready_model()     # it may have failed while this request waited
-        finally:
-            with self._gate:
-                self.pending -= 1
+                                         "are already in line; retry later")
+            self._line.append(ticket)
+            deadline = time.monotonic() + self.max_wait
+            try:
+                while self._running or self._line[0] is not ticket:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.timed_out += 1
+                        raise ServiceUnavailable(f"{self.name} model is busy: waited "
+                                                 f"{self.max_wait:g} s in line; retry later")
+                    self._turn.wait(left)
+            except BaseException:
+                self._line.remove(ticket)       # never leave a dead ticket at the head
+                self._turn.notify_all()
+                raise
+            self._line.popleft()
+            self._running = True
 
     def run(self, fn: Callable[[Any], Any]) -> Any:
-        """``fn(model)`` under the lock; a model exception becomes a ModelFailure (500)."""
+        """``fn(model)`` in this request's turn; a model exception becomes a ModelFailure (500)."""
         with self.use() as model:
             try:
                 out = fn(model)
@@ -137,7 +174,7 @@ class ModelSlot:
 
     def summary(self) -> dict[str, Any]:
         return {"status": self.state, "detail": self.detail, "queued": self.pending,
-                "served": self.served, "failed": self.failed}
+                "served": self.served, "failed": self.failed, "timed_out_in_line": self.timed_out}
 
 
 class ServiceModels:
@@ -145,9 +182,10 @@ class ServiceModels:
     plus the facts /info reports about them."""
 
     def __init__(self, caption: Any = None, vae: Any = None, max_pending: int = 6,
-                 info: dict[str, dict[str, Any]] | None = None):
-        self.caption = ModelSlot("caption", max_pending)
-        self.vae = ModelSlot("vae", max_pending)
+                 info: dict[str, dict[str, Any]] | None = None,
+                 max_wait: float = DEFAULT_MAX_WAIT):
+        self.caption = ModelSlot("caption", max_pending, max_wait)
+        self.vae = ModelSlot("vae", max_pending, max_wait)
         self.info = {"caption": {}, "vae": {}, **(info or {})}
         for slot, model in ((self.caption, caption), (self.vae, vae)):
             if model is not None:
@@ -192,24 +230,45 @@ class ServiceModels:
 
 @dataclass(frozen=True)
 class AppLimits:
+    """What one request may ask for. The defaults are the CLI's, so an app built in-process
+    (``create_app(models)``) has the same caps as ``stepvideo-server``."""
+
     max_body: int = DEFAULT_MAX_BODY
     caption: CaptionLimits = field(default_factory=CaptionLimits)
     max_latent_elements: int = MAX_LATENT_ELEMENTS
     max_vae_batch: int = MAX_VAE_BATCH
+    max_video_frames: int = MAX_VIDEO_FRAMES
+    max_video_side: int = MAX_VIDEO_SIDE
+    max_video_area: int = MAX_VIDEO_AREA
+
+    def vae(self, z_channels: int) -> VAELimits:
+        return VAELimits(z_channels=z_channels, max_latent_elements=self.max_latent_elements,
+                         max_batch=self.max_vae_batch, max_frames=self.max_video_frames,
+                         max_side=self.max_video_side, max_area=self.max_video_area)
+
+    def to_json(self) -> dict[str, int]:
+        return {"max_body": self.max_body, "max_batch": self.caption.max_batch,
+                "max_prompt_chars": self.caption.max_prompt_chars,
+                "max_latent_elements": self.max_latent_elements,
+                "max_vae_batch": self.max_vae_batch, "max_video_frames": self.max_video_frames,
+                "max_video_side": self.max_video_side, "max_video_area": self.max_video_area}
 
 
 def create_app(models: ServiceModels, token: str | None = None,
-               max_body: int = DEFAULT_MAX_BODY, limits: AppLimits | None = None):
-    """The Flask app. ``token`` (if set) is required on every endpoint but /health."""
+               max_body: int = DEFAULT_MAX_BODY, limits: AppLimits | None = None,
+               connections: ConnectionLimits | None = None):
+    """The Flask app. ``token`` (if set) is required on every endpoint but /health;
+    ``connections`` is only reported by /info (the server enforces it)."""
     from flask import Flask
 
+    token = check_token(token)
     limits = limits or AppLimits(max_body=max_body)
     app = Flask("stepvideo.service")
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body
     app.before_request(_auth_check(token))
     _register_errors(app)
     _register_api(app, models, limits)
-    _register_status(app, models, limits, token)
+    _register_status(app, models, limits, token, connections)
     return app
 
 
@@ -230,14 +289,14 @@ def _service_of(path: str) -> str:
 def _auth_check(token: str | None):
     from flask import request
 
-    expected = token.encode("utf-8") if token else None
+    expected = token.encode("ascii") if token else None
 
     def check():
         if expected is None or request.path == "/health":
             return None
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8"),
-                                                              expected):
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), expected):
             return None
         return _json_error(401, f"missing or wrong token: send 'Authorization: Bearer <token>' "
                                 f"(the client reads {TOKEN_ENV})", _service_of(request.path),
@@ -276,7 +335,7 @@ def _register_errors(app) -> None:
     @app.errorhandler(Exception)
     def unexpected(e: Exception):
         logger.exception("unexpected error in %s", request.path)
-        return _json_error(500, f"internal error: {type(e).__name__}: {e}",
+        return _json_error(500, f"internal error: {type(e).__name__}: {str(e)[:200]}",
                            _service_of(request.path))
 
 
@@ -284,7 +343,7 @@ def _request_body() -> bytes:
     from flask import request
 
     if request.mimetype not in ACCEPTED_CONTENT_TYPES:
-        raise _UnsupportedMediaType(f"Content-Type {request.mimetype or '(none)'!r} is not "
+        raise _UnsupportedMediaType(f"Content-Type {short(request.mimetype or '(none)')} is not "
                                     f"accepted; send {CONTENT_TYPE} (a safetensors message)")
     return request.get_data(cache=False)
 
@@ -311,15 +370,14 @@ def _register_api(app, models: ServiceModels, limits: AppLimits) -> None:
     def vae_api():
         req = VAERequest.from_bytes(_request_body())
         vae = models.vae.ready_model()
-        req.validate(VAELimits(z_channels=vae.z_channels,
-                               max_latent_elements=limits.max_latent_elements,
-                               max_batch=limits.max_vae_batch))
+        req.validate(limits.vae(vae.z_channels))
         decode = (lambda v: v.decode_uint8(req.latents)) if req.output == "uint8" else \
             (lambda v: v.decode(req.latents))
         return _binary(VAEResponse(models.vae.run(decode), req.output).to_bytes())
 
 
-def _register_status(app, models: ServiceModels, limits: AppLimits, token: str | None) -> None:
+def _register_status(app, models: ServiceModels, limits: AppLimits, token: str | None,
+                     connections: ConnectionLimits | None) -> None:
     from flask import jsonify
 
     @app.get("/health")
@@ -331,10 +389,11 @@ def _register_status(app, models: ServiceModels, limits: AppLimits, token: str |
 
     @app.get("/info")
     def info():
-        return jsonify(_info(models, limits, token))
+        return jsonify(_info(models, limits, token, connections))
 
 
-def _info(models: ServiceModels, limits: AppLimits, token: str | None) -> dict[str, Any]:
+def _info(models: ServiceModels, limits: AppLimits, token: str | None,
+          connections: ConnectionLimits | None) -> dict[str, Any]:
     from .. import __version__
 
     caption = {**models.info["caption"], **models.caption.summary()}
@@ -349,11 +408,9 @@ def _info(models: ServiceModels, limits: AppLimits, token: str | None) -> dict[s
         "protocol": PROTOCOL,
         "health": models.health(),
         "models": {"caption": caption, "vae": vae},
-        "limits": {"max_body": limits.max_body, "max_batch": limits.caption.max_batch,
-                   "max_prompt_chars": limits.caption.max_prompt_chars,
-                   "max_latent_elements": limits.max_latent_elements,
-                   "max_vae_batch": limits.max_vae_batch,
-                   "max_queued_per_model": models.caption.max_pending},
+        "limits": {**limits.to_json(), "max_queued_per_model": models.caption.max_pending,
+                   "max_wait_in_line": models.caption.max_wait},
+        "connections": asdict(connections) if connections else "not served by stepvideo-server",
         "auth": "bearer token" if token else "none (loopback only)",
         "versions": {"stepvideo": __version__, "torch": torch.__version__,
                      "python": platform.python_version(), "flask": _version("flask"),
@@ -387,9 +444,24 @@ class ServiceConfigError(ValueError):
     """The server was asked to start in an unsafe or impossible configuration."""
 
 
+def check_token(token: str | None) -> str | None:
+    """The token stripped of surrounding whitespace; None for none or whitespace only. A token
+    must be printable ASCII without spaces (it travels in an HTTP header as ``Bearer <token>``)."""
+    if token is None or not token.strip():
+        return None
+    token = token.strip()
+    bad = [i for i, c in enumerate(token) if not "!" <= c <= "~"]
+    if bad:
+        raise ServiceConfigError(f"the token has a character that is not printable ASCII "
+                                 f"(or is a space) at position {bad[0]} of {len(token)}; use "
+                                 f"letters, digits and punctuation, e.g. the output of "
+                                 f"'python -c \"import secrets; print(secrets.token_urlsafe())\"'")
+    return token
+
+
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse a non-loopback address without a token."""
-    if not is_loopback(host) and not token:
+    """Refuse a non-loopback address without a token (whitespace is no token)."""
+    if not is_loopback(host) and not check_token(token):
         raise ServiceConfigError(
             f"refusing to listen on {host} without a token: anyone who can reach that address "
             f"could use this server. Set {TOKEN_ENV} or pass --token_file PATH (clients send the "
@@ -398,23 +470,26 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def create_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                  threads: int = DEFAULT_THREADS, max_body: int = DEFAULT_MAX_BODY):
-    """A bound (not yet running) waitress server for ``app``; call ``.run()``.
+                  threads: int = DEFAULT_THREADS, max_body: int = DEFAULT_MAX_BODY,
+                  connections: ConnectionLimits | None = None):
+    """A bound (not yet running) waitress server for ``app`` with the socket guards of
+    :mod:`stepvideo.service.guard`; call ``.run()``. ServiceConfigError if the address is taken.
 
     waitress itself rejects bodies over twice ``max_body`` (with its own plain-text 413) so that it
     never buffers more than that; bodies between the two limits get the app's JSON 413."""
-    import waitress
-
     if threads < 4:
         raise ServiceConfigError(f"threads must be >= 4 so /health never waits, got {threads}")
-    return waitress.create_server(app, host=host, port=port, threads=threads, ident="stepvideo",
-                                  max_request_body_size=2 * max_body + (1 << 20))
-
-
-def serve(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          threads: int = DEFAULT_THREADS, max_body: int = DEFAULT_MAX_BODY) -> None:
-    """Serve ``app`` with waitress until the process is stopped."""
-    create_server(app, host, port, threads, max_body).run()
+    try:
+        return create_guarded_server(app, host, port, threads, connections or ConnectionLimits(),
+                                     ident="stepvideo",
+                                     max_request_body_size=2 * max_body + (1 << 20))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ServiceConfigError(f"port {port} on {host} is already in use (another "
+                                     f"stepvideo-server?); stop it or pass --port") from e
+        raise ServiceConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise ServiceConfigError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -423,9 +498,9 @@ class ServerOptions:
     (the release's convention) or absolute."""
 
     model_dir: str
-    llm_dir: str = "step_llm"
-    clip_dir: str = "hunyuan_clip"
-    vae_dir: str = "vae"
+    llm_dir: str = STEP_LLM.folder
+    clip_dir: str = HUNYUAN_CLIP.folder
+    vae_dir: str = VAE.folder
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     device: str = "auto"
@@ -436,11 +511,17 @@ class ServerOptions:
     threads: int = DEFAULT_THREADS
     cache_size: int = 64
     max_latent_elements: int = MAX_LATENT_ELEMENTS
+    max_video_frames: int = MAX_VIDEO_FRAMES
+    max_video_side: int = MAX_VIDEO_SIDE
+    max_video_area: int = MAX_VIDEO_AREA
+    max_wait: float = DEFAULT_MAX_WAIT
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def resolved_token(self) -> str | None:
-        """``token``, else the stripped contents of ``token_file``, else $STEPVIDEO_API_TOKEN."""
-        if self.token:
-            return self.token
+        """``token``, else the stripped contents of ``token_file``, else $STEPVIDEO_API_TOKEN;
+        whitespace only counts as none, anything but printable ASCII is a ServiceConfigError."""
+        if self.token is not None:
+            return check_token(self.token)
         if self.token_file:
             try:
                 with open(self.token_file, encoding="utf-8") as f:
@@ -449,8 +530,8 @@ class ServerOptions:
                 raise ServiceConfigError(f"cannot read --token_file {self.token_file}: {e}") from e
             if not token:
                 raise ServiceConfigError(f"--token_file {self.token_file} is empty")
-            return token
-        return os.environ.get(TOKEN_ENV) or None
+            return check_token(token)
+        return check_token(os.environ.get(TOKEN_ENV))
 
     def torch_dtype(self) -> torch.dtype:
         from ..devices import resolve_dtype
@@ -471,33 +552,38 @@ class ServerOptions:
 
 def build_service(opts: ServerOptions) -> tuple[Any, ServiceModels, Callable[[], threading.Thread]]:
     """Check the configuration and the model files; return (app, models, start_loading)."""
-    from ..download import SERVICE_PARTS, check_model_dir
+    from ..layout import check_model_dir
     from ..text_encoder.local import LocalTextEncoder
     from ..vae.local import LocalVAE
 
     token = opts.resolved_token()
     check_bind(opts.host, token)
-    if opts.max_latent_elements < 1:
-        raise ServiceConfigError(f"--max_latent_elements must be >= 1, got "
-                                 f"{opts.max_latent_elements}")
+    limits = AppLimits(opts.max_body, CaptionLimits(), opts.max_latent_elements,
+                       max_video_frames=opts.max_video_frames,
+                       max_video_side=opts.max_video_side, max_video_area=opts.max_video_area)
+    try:
+        limits.vae(1)
+    except ValueError as e:
+        raise ServiceConfigError(f"bad VAE limit: {e} (--max_latent_elements, "
+                                 "--max_video_frames, --max_video_side, --max_video_area)") from e
     dtype, device = opts.torch_dtype(), opts.torch_device()
-    dirs = check_model_dir(opts.model_dir, SERVICE_PARTS, {"step_llm": opts.llm_dir,
-                                                           "hunyuan_clip": opts.clip_dir,
-                                                           "vae": opts.vae_dir})
-    info = {"caption": {"llm_dir": dirs["step_llm"], "clip_dir": dirs["hunyuan_clip"],
+    llm, clip, vae = STEP_LLM.folder, HUNYUAN_CLIP.folder, VAE.folder
+    dirs = check_model_dir(opts.model_dir, (llm, clip, vae),
+                           {llm: opts.llm_dir, clip: opts.clip_dir, vae: opts.vae_dir})
+    info = {"caption": {"llm_dir": dirs[llm], "clip_dir": dirs[clip],
                         "dtype": str(dtype).replace("torch.", ""), "clip_dtype": "float32",
                         "device": device},
-            "vae": {"vae_dir": dirs["vae"], "dtype": str(dtype).replace("torch.", ""),
+            "vae": {"vae_dir": dirs[vae], "dtype": str(dtype).replace("torch.", ""),
                     "device": device}}
-    models = ServiceModels(max_pending=max(1, (opts.threads - 4) // 2), info=info)
-    app = create_app(models, token, limits=AppLimits(opts.max_body, CaptionLimits(),
-                                                     opts.max_latent_elements))
+    models = ServiceModels(max_pending=max(1, (opts.threads - 4) // 2), info=info,
+                           max_wait=opts.max_wait)
+    app = create_app(models, token, limits=limits, connections=opts.connections)
 
     def start_loading() -> threading.Thread:
         return models.load_in_background(
-            lambda: LocalTextEncoder.from_dirs(dirs["step_llm"], dirs["hunyuan_clip"], dtype,
+            lambda: LocalTextEncoder.from_dirs(dirs[llm], dirs[clip], dtype,
                                                device, cache_size=opts.cache_size),
-            lambda: LocalVAE.from_dir(dirs["vae"], dtype, device))
+            lambda: LocalVAE.from_dir(dirs[vae], dtype, device))
 
     return app, models, start_loading
 
@@ -506,7 +592,8 @@ def run_server(opts: ServerOptions) -> None:
     """Check, bind, load in the background, serve. Raises ServiceConfigError / CheckpointError
     before binding when the configuration or the model directory is wrong."""
     app, _, start_loading = build_service(opts)
-    server = create_server(app, opts.host, opts.port, opts.threads, opts.max_body)
+    server = create_server(app, opts.host, opts.port, opts.threads, opts.max_body,
+                           opts.connections)
     logger.info("stepvideo service listening on http://%s:%d (%d threads); loading models",
                 opts.host, opts.port, opts.threads)
     start_loading()
