@@ -311,7 +311,7 @@ def test_default_cost_limits_fit_the_supported_videos_and_apply_in_process():
 
 
 def _attention_peak_bytes(attn, x) -> int:
-    from test_vae import peak_cpu_bytes
+    from tests.test_vae import peak_cpu_bytes
 
     with torch.no_grad():
         return peak_cpu_bytes(lambda: attn(x))
