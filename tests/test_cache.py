@@ -59,6 +59,7 @@ def test_negative_schedule():
     assert negative_schedule(10, 0.5, 2) == [True] * 5 + [True, False, True, False, True]
     assert negative_schedule(6, 0.0, 3) == [True, False, False, True, False, False]
     assert negative_schedule(50, 1.0, 4) == [True] * 50
+    assert negative_schedule(5, 0.5, 2) == [True] * 4 + [False]  # 2.5 rounds up to 3
 
 
 def test_config_validation_names_the_flag():
@@ -174,10 +175,57 @@ def test_runner_sidecar_counts_reused_steps(tiny_model_dir, tmp_path):
             capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
-    # steps 0 and 3 run (warm-up, last); the negative branch from step round(0.5 * 4) = 2 on runs
+    # steps 0 and 3 run (warm-up, last); the negative branch from step 0.5 * 4 = 2 on runs
     # every 2nd step: at 2, not at 3. Evaluations: 2 (step 0) + 1 (step 3, positive only).
     assert record["cache"]["reused_steps"] == [1, 2]
     assert record["cache"]["negative_reused_steps"] == [3]
     assert record["cache"]["dit_evaluations"] == 3 and record["cache"]["dit_evaluations_exact"] == 8
     assert record["settings"]["cache"] == "teacache" and record["settings"]["cfg_truncate"] == 0.5
     assert "DiT evals 3/8" in proc.stderr
+
+
+# --- the quality harness --------------------------------------------------------------------------
+
+def _harness():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cache_quality", ROOT / "benchmark" / "perf" / "cache_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_harness_metrics_by_hand():
+    h = _harness()
+    a = torch.zeros(2, 16, 16, 3, dtype=torch.uint8)
+    assert h.psnr(a, a) == float("inf") and h.ssim(a, a) == pytest.approx(1.0)
+    b = a + 5  # MSE 25: PSNR = 10 log10(255^2 / 25) = 20 log10(51)
+    assert h.psnr(a, b) == pytest.approx(34.1514, abs=1e-4)
+    # constant images: SSIM = (2 mx my + c1) / (mx^2 + my^2 + c1) = (0 + 6.5025) / (25 + 6.5025)
+    assert h.ssim(a, b) == pytest.approx(6.5025 / 31.5025)
+    assert h.parse_setting("teacache:0.2+cfg_truncate:0.5/3", 2) == CacheConfig(
+        "teacache", 0.2, 2, 0.5, 3)
+    with pytest.raises(ValueError, match="expected teacache:T"):
+        h.parse_setting("magcache:0.1")
+
+
+def test_harness_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    common = ["--num_frames", "17", "--height", "32", "--width", "32", "--infer_steps", "3",
+              "--warmup_runs", "0", "--json", str(out)]
+    result = _harness().main(["--model_dir", tiny_model_dir, "--prompt", "a kite", *common,
+                              "--setting", "teacache:1e6", "--setting", "cfg_truncate:0.3/2"])
+    assert json.loads(out.read_text())["mean"].keys() == {"exact", "teacache:1e6",
+                                                          "cfg_truncate:0.3/2"}
+    exact, tea, trunc = result["rows"]
+    assert exact["identical"] and exact["ssim"] == 1.0 and exact["dit_evaluations"] == 6
+    assert tea["reused_steps"] == [1] and tea["dit_evaluations"] == 4 and tea["eval_speedup"] == 1.5
+    assert trunc["negative_reused_steps"] == [2] and trunc["dit_evaluations"] == 5
+    assert 0 < tea["ssim"] < 1 and tea["psnr_db"] > 0
+    assert "mean over prompts" in capsys.readouterr().out
+    # the GPU check's random-weights mode, at CPU size: speed and latent error only
+    result = _harness().main(["--random_dit", "--layers", "2", "--heads", "1", *common,
+                              "--setting", "first_block:1e6"])
+    assert [r["dit_evaluations"] for r in result["rows"]] == [6, 4]
+    assert "ssim" not in result["rows"][1] and result["rows"][1]["latent_rel_err"] > 0

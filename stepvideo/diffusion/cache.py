@@ -9,7 +9,7 @@ computed step to this step's block input (embedding and final layer always run; 
   reaches the threshold, then restart it from zero (TeaCache, Liu et al. 2024).
 - ``first_block``: always run block 0; run the others only when its residual changed by at least
   the threshold (relative L1) since the last computed step (ParaAttention / diffusers' FBCache).
-- ``cfg_truncate F``: from step round(F * steps) on, the negative branch runs only every
+- ``cfg_truncate F``: from step F * steps (rounded half up) on, the negative branch runs only every
   ``cfg_every``-th step; in between, v = cfg(v_pos, v_pos - d) with d = v_pos - v_neg of the last
   step that ran both.
 
@@ -23,6 +23,7 @@ the plain path and gives bit-identical latents.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,9 +96,9 @@ class AccumulatedDistance:
 
 
 def negative_schedule(num_steps: int, cfg_truncate: float | None, every: int) -> list[bool]:
-    """Per step: does the negative branch run? All steps before round(F * steps); from there on
-    the first of every ``every`` steps."""
-    start = num_steps if cfg_truncate is None else round(cfg_truncate * num_steps)
+    """Per step: does the negative branch run? All steps before F * steps (rounded half up); from
+    there on the first of every ``every`` steps."""
+    start = num_steps if cfg_truncate is None else math.floor(cfg_truncate * num_steps + 0.5)
     return [i < start or (i - start) % every == 0 for i in range(num_steps)]
 
 
