@@ -140,28 +140,33 @@ PARALLEL_CASES = {
 
 
 @pytest.mark.parametrize("case", PARALLEL_CASES)
-def test_two_ranks_take_the_same_decisions(case, tiny_model_dir, tmp_path):
+def test_two_ranks_take_the_same_decisions(case, tiny, tiny_model_dir, tmp_path):
+    """dist_worker's inputs are the ``tiny`` fixture's (seed 123 noise, text_for(model, 2))."""
     degrees, setting = PARALLEL_CASES[case]
-    transformer = str(Path(tiny_model_dir) / "transformer")
-    one = _run([transformer, str(tmp_path / "1.st"), *SHAPE, *setting], 1, tmp_path / "1.st")
-    two = _run([transformer, str(tmp_path / "2.st"), *SHAPE, *setting, *degrees], 2,
-               tmp_path / "2.st")
-    assert one["reused"].tolist() != [-1], "the setting must reuse something to test anything"
-    for key in ("reused", "negative_reused", "evaluations"):
-        assert one[key].tolist() == two[key].tolist(), key
-    torch.testing.assert_close(two["latents"], one["latents"], atol=1e-4, rtol=1e-5)
+    a = dict(zip(setting[::2], setting[1::2]))
+    config = CacheConfig(a["--cache"], float(a["--threshold"]), cfg_every=int(a.get("--cfg-every", 2)),
+                         cfg_truncate=float(a["--cfg-truncate"]) if "--cfg-truncate" in a else None)
+    one, cache = _denoise(tiny, config)
+    two = _run([str(Path(tiny_model_dir) / "transformer"), str(tmp_path / "2.st"), *SHAPE, *setting,
+                *degrees], 2, tmp_path / "2.st")
+    report = cache.report()
+    assert report["reused_steps"], "the setting must reuse something to test anything"
+    assert two["reused"].tolist() == report["reused_steps"]
+    assert two["negative_reused"].tolist() == (report["negative_reused_steps"] or [-1])
+    assert two["evaluations"].tolist() == [report["dit_evaluations"]]
+    torch.testing.assert_close(two["latents"], one, atol=1e-4, rtol=1e-5)
 
 
 # --- the runner: flags, sidecar, progress bar -----------------------------------------------------
 
-def test_flags_parse_and_refuse():
+def test_flags_parse_and_refuse(capsys):
     req = request_from_args(["--model_dir", "m", "--prompt", "p", "--cache", "teacache",
                              "--cache_threshold", "0.25", "--cfg_truncate", "0.6"])
     assert req.cache == CacheConfig("teacache", 0.25, 1, 0.6, 4)
     assert request_from_args(["--model_dir", "m", "--prompt", "p"]).cache == CacheConfig()
-    proc = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), "--model_dir", "m",
-                           "--prompt", "p", "--cfg_truncate", "2"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "--cfg_truncate is a fraction" in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        request_from_args(["--model_dir", "m", "--prompt", "p", "--cfg_truncate", "2"])
+    assert exit_info.value.code == 2 and "--cfg_truncate is a fraction" in capsys.readouterr().err
 
 
 def test_runner_sidecar_counts_reused_steps(tiny_model_dir, tmp_path):

@@ -325,9 +325,10 @@ class StepVideoPipeline:
                  time_shift: float = 13.0, neg_magic: str = "", pos_magic: str = "",
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "mp4", output_file_name: str = "", return_dict: bool = True,
-                 seed: int = DEFAULT_SEED, progress: bool = True, on_step: Callable | None = None):
+                 seed: int = DEFAULT_SEED, progress: bool = True, on_step: Callable | None = None,
+                 cache: CacheConfig | None = None):
         """Encode, denoise (with a progress bar), decode and, for ``output_type="mp4"``, write
-        ``output_file_name`` (default ``video.mp4``)."""
+        ``output_file_name`` (default ``video.mp4``). ``cache``: step caching / CFG truncation."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if output_type not in ("mp4", "latent", "tensor"):
             raise ValueError(f"output_type must be 'mp4', 'latent' or 'tensor', got {output_type!r}")
@@ -335,7 +336,7 @@ class StepVideoPipeline:
         text = self.encode_prompt(prompts, pos_magic, neg_magic)
         x = self.sample(text, VideoSize.rounded(num_frames, height, width), num_inference_steps,
                         guidance_scale, time_shift, seed=seed, latents=latents, generator=generator,
-                        progress=progress, on_step=on_step)
+                        progress=progress, on_step=on_step, cache=cache)
         if output_type == "latent":
             return {"video": x} if return_dict else x
         video = self.vae_decode(x)
