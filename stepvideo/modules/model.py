@@ -327,7 +327,7 @@ class StepVideoModel(nn.Module):
 
     def patchify(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(B, F, C, H, W) -> tokens (B, F*h*w, D), frame-major, and the grid (F, h, w)."""
-        b, f, c, hh, ww = hidden_states.shape
+        b, f, _, hh, ww = hidden_states.shape
         p = self.config.patch_size
         x = self.pos_embed(hidden_states.flatten(0, 1))  # (B*F, h*w, D)
         return x.reshape(b, f * (hh // p) * (ww // p), -1), (f, hh // p, ww // p)
