@@ -204,6 +204,9 @@ def check_request(req: GenerationRequest):
     if req.cfg_scale < 0:
         notes.append(f"--cfg_scale {req.cfg_scale} is negative: guidance pushes away from the "
                      "prompt (the release uses 9.0, Turbo 5.0)")
+    if req.cache.mode == "none" and req.cache.threshold > 0:
+        notes.append(f"--cache_threshold {req.cache.threshold} has no effect without --cache "
+                     "teacache or --cache first_block")
     if not os.path.isdir(req.model_dir):
         raise PreflightError(f"--model_dir {req.model_dir} does not exist; download the weights with "
                              "`python -m stepvideo.download DIR` or write the tiny model with "

@@ -186,7 +186,7 @@ def test_runner_sidecar_counts_reused_steps(tiny_model_dir, tmp_path):
     assert record["cache"]["negative_reused_steps"] == [3]
     assert record["cache"]["dit_evaluations"] == 3 and record["cache"]["dit_evaluations_exact"] == 8
     assert record["settings"]["cache"] == "teacache" and record["settings"]["cfg_truncate"] == 0.5
-    assert "DiT evals 3/8" in proc.stderr
+    assert "DiT evals 3/8, reused 2" in proc.stderr
 
 
 # --- the quality harness --------------------------------------------------------------------------

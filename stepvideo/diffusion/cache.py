@@ -231,8 +231,9 @@ class StepCache:
     # --- what ran -------------------------------------------------------------------------
 
     def summary(self, done: int) -> str:
-        """The progress bar's note after ``done`` steps: DiT evaluations so far / the exact path's."""
-        return f"DiT evals {self.evaluations}/{2 * done}"
+        """The progress bar's note after ``done`` steps: DiT evaluations so far / the exact path's,
+        and the steps reused so far (their indices are in the sidecar)."""
+        return f"DiT evals {self.evaluations}/{2 * done}, reused {len(self.reused)}"
 
     def report(self) -> dict:
         """For the sidecar: evaluations (one branch of one step = one) and the reused steps."""
