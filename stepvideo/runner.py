@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import hashlib
 import os
 import re
@@ -22,6 +23,7 @@ import torch
 from . import __version__
 from .conditioning import TextEmbeddings
 from .devices import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
+from .diffusion.cache import MODES as CACHE_MODES, CacheConfig
 from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, StepVideoPipeline,
                                        VideoSize)
@@ -69,10 +71,17 @@ class GenerationRequest:
     contact_sheet: bool = True
     preset: str = "base"
     compile: bool = False
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     @property
     def size(self) -> VideoSize:
         return VideoSize.rounded(self.num_frames, self.height, self.width)
+
+    def cache_settings(self) -> dict:
+        """The caching flags by their command-line names (the sidecar's settings)."""
+        c = self.cache
+        return {"cache": c.mode, "cache_threshold": c.threshold, "cache_warmup": c.warmup,
+                "cfg_truncate": c.cfg_truncate, "cfg_truncate_every": c.cfg_every}
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -131,6 +140,19 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="decides the initial noise")
     g.add_argument("--pos_magic", default=POS_MAGIC, help="appended to the prompt")
     g.add_argument("--neg_magic", default=NEG_MAGIC, help="the negative prompt")
+    g = p.add_argument_group("fewer DiT evaluations (approximate; off by default; README: caching)")
+    g.add_argument("--cache", choices=CACHE_MODES, default="none",
+                   help="reuse the DiT blocks' residual on steps where the input changed little: "
+                        "teacache (first block's modulated input), first_block (its residual)")
+    g.add_argument("--cache_threshold", type=float, default=0.0,
+                   help="reuse while the (accumulated) change stays below this; 0 reuses nothing")
+    g.add_argument("--cache_warmup", type=int, default=1,
+                   help="first steps that always run the DiT (the last step always does too)")
+    g.add_argument("--cfg_truncate", type=float, default=None,
+                   help="from this fraction of the steps on, run the negative prompt only every "
+                        "--cfg_truncate_every steps and reuse its difference in between")
+    g.add_argument("--cfg_truncate_every", type=int, default=4,
+                   help="with --cfg_truncate: run the negative branch every K-th step")
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default="./results", help="output directory")
     g.add_argument("--name_suffix", default="", help="appended to the output file names")
@@ -140,7 +162,12 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
 
 
 def request_from_args(argv: list[str] | None = None) -> GenerationRequest:
-    return request_from_namespace(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return request_from_namespace(args)
+    except ValueError as e:  # a flag value the configs refuse: argparse's one-line error, exit 2
+        parser.error(str(e))
 
 
 def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
@@ -159,7 +186,12 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
                                 2 if a.cfg_parallel else 1),
         parallel_backend=a.parallel_backend, attn_backend=a.attn_backend, device=a.device,
         dtype=a.dtype, denoise_filter=not a.no_denoise_filter, crop_540p=not a.no_crop,
-        preset=a.preset, compile=a.compile)
+        preset=a.preset, compile=a.compile, cache=cache_from_namespace(a))
+
+
+def cache_from_namespace(a: argparse.Namespace) -> CacheConfig:
+    return CacheConfig(a.cache, a.cache_threshold, a.cache_warmup, a.cfg_truncate,
+                       a.cfg_truncate_every)
 
 
 # --- checks before expensive work -----------------------------------------------------------------
@@ -188,6 +220,9 @@ def check_request(req: GenerationRequest):
     if req.cfg_scale < 0:
         notes.append(f"--cfg_scale {req.cfg_scale} is negative: guidance pushes away from the "
                      "prompt (the release uses 9.0, Turbo 5.0)")
+    if req.cache.mode == "none" and req.cache.threshold > 0:
+        notes.append(f"--cache_threshold {req.cache.threshold} has no effect without --cache "
+                     "teacache or --cache first_block")
     if not os.path.isdir(req.model_dir):
         raise PreflightError(f"--model_dir {req.model_dir} does not exist; download the weights with "
                              "`python -m stepvideo.download DIR` or write the tiny model with "
@@ -365,14 +400,16 @@ class VideoGenerator:
             text = self.encode_text(req)
         text = self.ctx.broadcast_text(text, self.device, self.dtype)
         x = pipe.sample(text, req.size, req.infer_steps, req.cfg_scale, req.time_shift,
-                        seed=req.seed, cfg=self.ctx.cfg, progress=progress and self.ctx.is_main)
+                        seed=req.seed, cfg=self.ctx.cfg, progress=progress and self.ctx.is_main,
+                        cache=req.cache, reduce=functools.partial(self.ctx.all_reduce_sum,
+                                                                  device=self.device))
         if not self.ctx.is_main:
             return None
         stem = output_stem(req)
         frames = self._decode(x, stem)
         paths = pipe.write(frames, stem, req.denoise_filter, req.crop_540p, req.contact_sheet)
         times = {**self.load_times, **pipe.times}
-        record = sidecar(req, self, times, paths, frames.shape[1:4])
+        record = sidecar(req, self, times, paths, frames.shape[1:4], pipe.cache_stats)
         paths["sidecar"] = write_json_atomic(stem + ".json", record)
         record["outputs"] = paths
         return record
@@ -399,10 +436,13 @@ class VideoGenerator:
 
 
 def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dict,
-            frame_shape) -> dict:
-    """The JSON written next to the video: what was asked, what actually ran, and how long."""
+            frame_shape, cache_stats: dict | None = None) -> dict:
+    """The JSON written next to the video: what was asked, what actually ran (``cache``: DiT
+    evaluations and reused steps), and how long."""
     settings = dataclasses.asdict(req)
     settings.pop("parallel")
+    settings.pop("cache")
+    settings.update(req.cache_settings())
     return {
         "prompt": req.prompt, "pos_magic": req.pos_magic, "neg_magic": req.neg_magic, "seed": req.seed,
         "settings": settings,
@@ -411,6 +451,7 @@ def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dic
         "degrees": {**dataclasses.asdict(req.parallel), "world_size": gen.ctx.world_size},
         "frames": int(frame_shape[0]), "height": int(frame_shape[1]), "width": int(frame_shape[2]),
         "times_s": {k: round(v, 4) for k, v in times.items()},
+        "cache": cache_stats,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "stepvideo_version": __version__, "torch_version": torch.__version__,
         "model_dir": os.path.abspath(req.model_dir),

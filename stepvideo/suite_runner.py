@@ -107,7 +107,10 @@ def parse_benchmark_args(argv: list[str] | None = None
         parser.error(f"--limit must be >= 1, got {a.limit}")
     opts = BenchmarkOptions(a.suite, a.prompts, a.categories, a.lines, a.limit, a.seed_mode,
                             not a.no_gallery)
-    return opts, request_from_namespace(a)
+    try:
+        return opts, request_from_namespace(a)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +149,8 @@ class PromptJob:
         return Path(output_stem(self.request) + suffix)
 
     def expected(self) -> dict:
-        return {k: getattr(self.request, k) for k in CHECKED_SETTINGS}
+        return {**{k: getattr(self.request, k) for k in CHECKED_SETTINGS},
+                **self.request.cache_settings()}
 
     def check(self):
         return check_outputs(self.path(".mp4"), self.path(".json"), self.expected(),

@@ -2,9 +2,11 @@
 
 Usage: dist_worker.py TRANSFORMER_DIR OUT.safetensors --ulysses U --tp T --cfg C [--ring R]
        [--frames F --h H --w W --batch B --steps N] [--wrong-rope]
+       [--cache MODE --threshold T --cfg-truncate F --cfg-every K]  (also saves the reused steps)
 """
 
 import argparse
+import functools
 import os
 
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import save_file
 
 from stepvideo.diffusion.scheduler import FlowMatchDiscreteScheduler
 from stepvideo.conditioning import TextEmbeddings
+from stepvideo.diffusion.cache import CacheConfig, StepCache
 from stepvideo.diffusion.video_pipeline import denoise, initial_noise
 from stepvideo.modules.model import StepVideoModel
 from stepvideo.parallel import ParallelConfig, setup_parallel
@@ -41,6 +44,10 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--wrong-rope", action="store_true")
+    p.add_argument("--cache", default="none")
+    p.add_argument("--threshold", type=float, default=0.0)
+    p.add_argument("--cfg-truncate", type=float, default=None)
+    p.add_argument("--cfg-every", type=int, default=2)
     a = p.parse_args()
     torch.manual_seed(0)
     model = StepVideoModel.from_pretrained(a.transformer_dir)
@@ -54,10 +61,20 @@ def main():
     latents = initial_noise((a.batch, a.frames, model.config.in_channels, a.h, a.w), seed=123)
     sched = FlowMatchDiscreteScheduler()
     sched.set_timesteps(a.steps, 13.0)
+    cache = CacheConfig(a.cache, a.threshold, cfg_truncate=a.cfg_truncate, cfg_every=a.cfg_every)
+    step_cache = None
+    if cache.enabled:
+        step_cache = StepCache(cache, a.steps, functools.partial(ctx.all_reduce_sum, device="cpu"))
     with torch.inference_mode():
-        out = denoise(model, latents, text, sched, 9.0, cfg=ctx.cfg)
+        out = denoise(model, latents, text, sched, 9.0, cfg=ctx.cfg, cache=step_cache)
     if ctx.is_main:
-        save_file({"latents": out.contiguous()}, a.out)
+        saved = {"latents": out.contiguous()}
+        if step_cache is not None:
+            report = step_cache.report()
+            saved["reused"] = torch.tensor(report["reused_steps"] or [-1])
+            saved["negative_reused"] = torch.tensor(report["negative_reused_steps"] or [-1])
+            saved["evaluations"] = torch.tensor([report["dit_evaluations"]])
+        save_file(saved, a.out)
     ctx.close()
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..conditioning import TextEmbeddings, TextEncoderBackend, VAEBackend
 from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
+from .cache import CacheConfig, StepCache, stats_record
 from .scheduler import FlowMatchDiscreteScheduler, cfg_combine, load_scheduler
 
 POS_MAGIC = ("超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、"
@@ -130,11 +131,16 @@ def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor, text: TextEmb
 
 def denoise(transformer, latents: torch.Tensor, text: TextEmbeddings,
             scheduler: FlowMatchDiscreteScheduler, guidance: float, cfg=None,
-            on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Run the Euler loop over ``scheduler.timesteps``; latents stay float32 between steps."""
+            on_step: Callable[[int, torch.Tensor], None] | None = None,
+            cache: StepCache | None = None) -> torch.Tensor:
+    """Run the Euler loop over ``scheduler.timesteps``; latents stay float32 between steps.
+    ``cache`` (``diffusion.cache.StepCache``) decides per step what to run and what to reuse."""
     x = latents.float()
     for i, t in enumerate(scheduler.timesteps):
-        v = guided_velocity(transformer, x, t, text, guidance, cfg)
+        if cache is None:
+            v = guided_velocity(transformer, x, t, text, guidance, cfg)
+        else:
+            v = cache.velocity(transformer, i, x, t, text, guidance, cfg)
         x = scheduler.step(v, t, x)
         if on_step is not None:
             on_step(i, x)
@@ -143,10 +149,11 @@ def denoise(transformer, latents: torch.Tensor, text: TextEmbeddings,
 
 class StepProgress:
     """A tqdm bar over the denoising steps with the last step's seconds (CUDA synchronised, so the
-    time is the step's own); a no-op when disabled."""
+    time is the step's own) and ``note(steps done)`` if given; a no-op when disabled."""
 
-    def __init__(self, total: int, device: torch.device, enabled: bool = True):
-        self.device, self.step_times = device, []
+    def __init__(self, total: int, device: torch.device, enabled: bool = True,
+                 note: Callable[[int], str] | None = None):
+        self.device, self.step_times, self.note = device, [], note
         self._last = time.perf_counter()
         self.bar = None
         if enabled:
@@ -161,7 +168,8 @@ class StepProgress:
         self.step_times.append(now - self._last)
         self._last = now
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.step_times[-1]:.2f} s/step")
+            note = f", {self.note(i + 1)}" if self.note is not None else ""
+            self.bar.set_postfix_str(f"{self.step_times[-1]:.2f} s/step{note}")
             self.bar.update(1)
 
     def close(self) -> None:
@@ -174,6 +182,8 @@ class StepVideoPipeline:
 
     The stages are methods (``encode_prompt``, ``initial_latents``, ``sample``, ``decode_uint8``,
     ``write``) and each records its wall time in ``self.times`` (seconds, by stage name).
+    ``sample`` records in ``self.cache_stats`` how many DiT evaluations ran and which steps were
+    reused (``diffusion.cache.stats_record``).
     """
 
     def __init__(self, transformer, scheduler: FlowMatchDiscreteScheduler | None = None,
@@ -183,6 +193,7 @@ class StepVideoPipeline:
         self.text_encoder = text_encoder
         self.vae = vae
         self.times: dict[str, float] = {}
+        self.cache_stats: dict | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
@@ -247,15 +258,21 @@ class StepVideoPipeline:
                guidance_scale: float, time_shift: float, seed: int = DEFAULT_SEED,
                latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
                cfg=None, progress: bool = True,
-               on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               on_step: Callable[[int, torch.Tensor], None] | None = None,
+               cache: CacheConfig | None = None, reduce=None) -> torch.Tensor:
         """Text embeddings [positives, negatives] -> denoised float32 latents (B, f, C, h, w).
 
         ``cfg``: this rank's ``parallel.CfgSplit`` under CFG parallelism. ``progress``: a tqdm bar
-        with seconds per step; ``self.times["denoise_step_mean"]`` is their mean."""
+        with seconds per step; ``self.times["denoise_step_mean"]`` is their mean. ``cache``: step
+        caching / CFG truncation (off by default); ``reduce`` sums its distances over the ranks
+        (``ParallelContext.all_reduce_sum``)."""
         if latents is None:
             latents = self.initial_latents(text.y.shape[0] // 2, size, seed, generator)
         self.scheduler.set_timesteps(num_inference_steps, time_shift, device=self.device)
-        bar = StepProgress(num_inference_steps, self.device, progress)
+        cache = cache or CacheConfig()
+        step_cache = StepCache(cache, num_inference_steps, reduce) if cache.enabled else None
+        note = step_cache.summary if step_cache is not None else None
+        bar = StepProgress(num_inference_steps, self.device, progress, note)
 
         def step(i: int, x: torch.Tensor) -> None:
             bar(i, x)
@@ -265,9 +282,11 @@ class StepVideoPipeline:
         try:
             with self.stage("denoise"):
                 x = denoise(self.transformer, latents.to(self.device), text, self.scheduler,
-                            guidance_scale, cfg=cfg, on_step=step)
+                            guidance_scale, cfg=cfg, on_step=step, cache=step_cache)
         finally:
             bar.close()
+        self.cache_stats = (step_cache.report() if step_cache is not None
+                            else stats_record(cache, num_inference_steps))
         self.times["denoise_step_mean"] = sum(bar.step_times) / max(len(bar.step_times), 1)
         return x
 
@@ -306,9 +325,10 @@ class StepVideoPipeline:
                  time_shift: float = 13.0, neg_magic: str = "", pos_magic: str = "",
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "mp4", output_file_name: str = "", return_dict: bool = True,
-                 seed: int = DEFAULT_SEED, progress: bool = True, on_step: Callable | None = None):
+                 seed: int = DEFAULT_SEED, progress: bool = True, on_step: Callable | None = None,
+                 cache: CacheConfig | None = None):
         """Encode, denoise (with a progress bar), decode and, for ``output_type="mp4"``, write
-        ``output_file_name`` (default ``video.mp4``)."""
+        ``output_file_name`` (default ``video.mp4``). ``cache``: step caching / CFG truncation."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if output_type not in ("mp4", "latent", "tensor"):
             raise ValueError(f"output_type must be 'mp4', 'latent' or 'tensor', got {output_type!r}")
@@ -316,7 +336,7 @@ class StepVideoPipeline:
         text = self.encode_prompt(prompts, pos_magic, neg_magic)
         x = self.sample(text, VideoSize.rounded(num_frames, height, width), num_inference_steps,
                         guidance_scale, time_shift, seed=seed, latents=latents, generator=generator,
-                        progress=progress, on_step=on_step)
+                        progress=progress, on_step=on_step, cache=cache)
         if output_type == "latent":
             return {"video": x} if return_dict else x
         video = self.vae_decode(x)

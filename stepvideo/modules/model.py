@@ -209,16 +209,47 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
+    def modulations(self, t_mod: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+        """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, 1, D)."""
+        mods = self.scale_shift_table[None] + t_mod.view(batch, 6, -1)  # (B, 6, D)
+        return mods.chunk(6, dim=1)
+
+    def attn_input(self, x: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
+        """What self-attention sees: modulate(norm1(x)) (TeaCache's indicator on the first block)."""
+        shift_msa, scale_msa = self.modulations(t_mod, x.shape[0])[:2]
+        return modulate(self.norm1(x), shift_msa, scale_msa)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: Rope,
                 kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int) -> torch.Tensor:
         """x (B, S, D) this rank's tokens; context (B, L, D) text; t_mod (B, 6D) AdaLN-Single."""
-        mods = self.scale_shift_table[None] + t_mod.view(x.shape[0], 6, -1)  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(
+            t_mod, x.shape[0])
         attn = self.attn1(modulate(self.norm1(x), shift_msa, scale_msa), rope, plan, seq_len)
         x = x + gate_msa * attn
         x = x + self.attn2(x, context, kv_lens)
         x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+
+@dataclass
+class Embedded:
+    """The blocks' inputs for one call: this rank's tokens x (B, S, D), the text context
+    (B, L, D) and its lengths, AdaLN-Single's t_mod (B, 6D) and t_emb (B, D), the sharded RoPE
+    tables and the latent grid (F, h, w)."""
+
+    x: torch.Tensor
+    context: torch.Tensor
+    kv_lens: torch.Tensor | None
+    t_mod: torch.Tensor
+    t_emb: torch.Tensor
+    rope: Rope
+    grid: tuple[int, int, int]
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens of the whole video (all ranks together, no padding)."""
+        f, h, w = self.grid
+        return f * h * w
 
 
 class StepVideoModel(nn.Module):
@@ -303,26 +334,61 @@ class StepVideoModel(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
+        e = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_2,
+                       encoder_attention_mask)
+        x = self.blocks(e, e.x)  # (B, S, D)
+        out = self.head(e, x)  # (B, F, C, H, W)
+        return {"x": out} if return_dict else out
+
+    # The three parts of ``forward``, public so a step cache (``diffusion.cache``) can run the
+    # blocks or reuse their residual; ``forward`` is exactly embed -> blocks -> head.
+
+    def patchify(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(B, F, C, H, W) -> tokens (B, F*h*w, D), frame-major, and the grid (F, h, w)."""
+        b, f, _, hh, ww = hidden_states.shape
+        p = self.config.patch_size
+        x = self.pos_embed(hidden_states.flatten(0, 1))  # (B*F, h*w, D)
+        return x.reshape(b, f * (hh // p) * (ww // p), -1), (f, hh // p, ww // p)
+
+    def embed(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+              encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: torch.Tensor,
+              encoder_attention_mask: torch.Tensor | None = None) -> "Embedded":
+        """Everything the blocks need, with this rank's shard of the tokens."""
         self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_2,
                            encoder_attention_mask)
-        b, f, c, hh, ww = hidden_states.shape
-        p = self.config.patch_size
-        h, w = hh // p, ww // p
-        x = self.pos_embed(hidden_states.flatten(0, 1))  # (B*F, h*w, D)
-        x = x.reshape(b, f * h * w, -1)  # (B, F*h*w, D), frame-major
-        t_mod, t_emb = self.adaln_single(timestep.reshape(-1).expand(b))  # (B, 6D), (B, D)
+        x, (f, h, w) = self.patchify(hidden_states)  # (B, F*h*w, D)
+        t_mod, t_emb = self.adaln_single(timestep.reshape(-1).expand(x.shape[0]))  # (B, 6D), (B, D)
         context, kv_lens = self.text_context(encoder_hidden_states, encoder_hidden_states_2,
                                              encoder_attention_mask)
-        seq_len = f * h * w
         rope = rope_tables(f, h, w, self.config.attention_head_dim, device=x.device).shard(self.plan)
         x = self.plan.shard(x, 1)  # (B, S, D): this rank's tokens
-        for block in self.transformer_blocks:
-            x = block(x, context, t_mod, rope, kv_lens, self.plan, seq_len)
-        x = self.plan.gather(x, 1, seq_len)  # (B, F*h*w, D)
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+        return Embedded(x, context, kv_lens, t_mod, t_emb, rope, (f, h, w))
+
+    def blocks(self, e: "Embedded", x: torch.Tensor, start: int = 0,
+               stop: int | None = None) -> torch.Tensor:
+        """Blocks ``start:stop`` on this rank's tokens x (B, S, D)."""
+        for block in self.transformer_blocks[start:stop]:
+            x = block(x, e.context, e.t_mod, e.rope, e.kv_lens, self.plan, e.seq_len)
+        return x
+
+    def head(self, e: "Embedded", x: torch.Tensor) -> torch.Tensor:
+        """Gather the tokens, final modulation, unpatchify: (B, S, D) -> (B, F, C, H, W)."""
+        x = self.plan.gather(x, 1, e.seq_len)  # (B, F*h*w, D)
+        shift, scale = (self.scale_shift_table[None] + e.t_emb[:, None]).chunk(2, dim=1)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, F*h*w, p*p*C)
-        out = self.unpatchify(x, f, h, w)
-        return {"x": out} if return_dict else out
+        return self.unpatchify(x, *e.grid)
+
+    def valid_tokens(self, e: "Embedded") -> torch.Tensor:
+        """(1, S, 1): 1 for this rank's real tokens, 0 for the padding of an uneven split."""
+        return self.plan.shard(e.x.new_ones(1, e.seq_len, 1), 1)
+
+    def first_block_input(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens as the first block's self-attention sees them (B, S, D), padding
+        zeroed: TeaCache's change indicator. Needs no text, so one copy of the latents serves CFG."""
+        x, (f, h, w) = self.patchify(hidden_states)
+        t_mod, _ = self.adaln_single(timestep.reshape(-1).expand(x.shape[0]))
+        x = self.transformer_blocks[0].attn_input(self.plan.shard(x, 1), t_mod)
+        return x * self.plan.shard(x.new_ones(1, f * h * w, 1), 1)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, clip: torch.Tensor,
                       mask: torch.Tensor | None) -> None:

@@ -32,12 +32,20 @@ class LaunchEnv:
 
 class CfgSplit:
     """What a CFG-parallel rank does to a [positive, negative] batch: keep its half of the text
-    before the DiT (``local``) and collect both halves of the velocity after it (``gather``)."""
+    before the DiT (``local``) and collect both halves of the velocity after it (``gather``).
+    ``index`` is the half this rank runs (0 positive, 1 negative); when only the positive branch
+    runs (CFG truncation), ``share_positive`` hands group 0's velocity to every rank."""
+
+    index = 0
 
     def local(self, text: TextEmbeddings) -> TextEmbeddings:
         return text
 
     def gather(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def share_positive(self, v: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """Group 0's ``v``; ranks of group 1 pass None and a tensor of its shape and dtype."""
         return v
 
 
@@ -83,6 +91,18 @@ class ParallelContext:
         tensor = tensor.contiguous().to(comm)
         dist.broadcast(tensor, 0)
         return tensor
+
+    def all_reduce_sum(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The sum of ``tensor`` over all ranks, the same on every rank (the step cache adds its
+        distances with it so that every rank takes the same decision)."""
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        comm = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+        tensor = tensor.contiguous().to(comm)
+        dist.all_reduce(tensor)
+        return tensor.cpu()
 
     def broadcast_text(self, text: TextEmbeddings | None, device: torch.device,
                        dtype: torch.dtype) -> TextEmbeddings:

@@ -183,6 +183,7 @@ class CfgParallel(CfgSplit):
 
     def __init__(self, groups: Groups):
         self.index, self.group = groups.coords["cfg"], groups.group("cfg")
+        self.source = groups.groups["cfg"][1][0]  # the global rank of this pair's positive half
 
     def local(self, text: TextEmbeddings) -> TextEmbeddings:
         b = text.y.shape[0] // 2
@@ -190,3 +191,8 @@ class CfgParallel(CfgSplit):
 
     def gather(self, v: torch.Tensor) -> torch.Tensor:
         return _all_gather(v, self.group, 0)
+
+    def share_positive(self, v: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        buf = v.contiguous() if self.index == 0 else torch.empty_like(like)
+        dist.broadcast(buf, self.source, group=self.group)
+        return buf
