@@ -280,6 +280,29 @@ def test_web_page_submits_and_plays(server, tmp_path, capsys):
         print(f"\nweb page screenshot: {shot}")
 
 
+def test_suite_runner_submits_to_the_server(server, tmp_path, capsys):
+    from stepvideo.suite import read_manifest
+    from stepvideo.suite_runner import main as suite_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lighthouse in a storm\n" + "x" * 5000 + "\n", encoding="utf-8")
+    save = tmp_path / "suite"
+    args = ["--server", server["url"], "--prompts", str(prompts), "--save_path", str(save),
+            "--seed", "11", "--num_frames", "17", "--height", "64", "--width", "64",
+            "--infer_steps", "3"]
+    assert suite_main(args, gallery=None) == 0
+    records = {r.index: r for r in read_manifest(save)}
+    assert records[1].status == "ok" and records[2].status == "failed"
+    assert "422" in records[2].reason and "4000" in records[2].reason
+    video = save / records[1].outputs["video"]
+    if 11 in server["done"]:
+        assert np.array_equal(read_frames(video), server["done"][11][1])
+    side = json.loads((save / records[1].outputs["sidecar"]).read_text())
+    assert side["outputs"]["video"] == str(video) and side["server_job"]["url"] == server["url"]
+    assert suite_main(args, gallery=None) == 0                     # the rerun skips the video
+    assert "1 already done, 1 to run" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------
 # Restart (last: it kills the module's server)
 # --------------------------------------------------------------------------------------------
