@@ -181,13 +181,21 @@ def test_bad_requests_get_json_errors(server):
 # The web page in headless Chromium (DevTools protocol over --remote-debugging-pipe)
 # --------------------------------------------------------------------------------------------
 
+def _above_4(fd: int) -> int:
+    import fcntl
+
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return high
+
+
 class Chromium:
     """Headless Chromium driven over its DevTools pipe (fds 3 and 4, NUL-terminated JSON)."""
 
     def __init__(self, tmp: Path):
         to_r, self._to = os.pipe()
         self._from, from_w = os.pipe()
-        assert min(to_r, from_w) > 4
+        to_r, from_w = _above_4(to_r), _above_4(from_w)   # bash then puts them on 3 and 4
         cmd = ["bash", "-c", f'exec "$0" "$@" 3<&{to_r} 4>&{from_w}', CHROMIUM, "--headless",
                "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
                "--disable-background-networking", "--disable-component-update",
