@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         if env.rank == 0:
-            print("\ninterrupted: no video written", file=sys.stderr)
+            print("\ninterrupted: " + ("server stopped" if a.serve else "no video written"),
+                  file=sys.stderr)
         return 130
     if record is not None:
         out = {k: os.path.abspath(v) for k, v in record["outputs"].items()}

@@ -61,11 +61,23 @@ def start_server(model_dir: str, save: Path, log: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
+    """The server, and the CLI's video of the first job (seed 11) made while the server loads."""
     save = tmp_path_factory.mktemp("genserver")
-    proc, url = start_server(tiny_model_dir, save, save / "server.log", "--max_queue", "2")
-    state = {"proc": proc, "url": url, "save": save, "model_dir": tiny_model_dir, "done": {}}
+    cli = subprocess.Popen(torchrun("--model_dir", tiny_model_dir, *MODEL_FLAGS, "--prompt",
+                                    "a lighthouse in a storm", "--seed", "11", "--save_path",
+                                    str(save / "cli")),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        proc, url = start_server(tiny_model_dir, save, save / "server.log", "--max_queue", "2")
+    except BaseException:
+        cli.kill()
+        raise
+    state = {"proc": proc, "url": url, "save": save, "model_dir": tiny_model_dir, "done": {},
+             "cli": cli}
     yield state
     kill_groups(state["proc"])
+    if cli.poll() is None:
+        cli.kill()
 
 
 def finished(client: GenerationClient, job_id: str, status: str = "completed") -> dict:
@@ -88,12 +100,9 @@ def test_jobs_give_the_cli_video(server, tmp_path):
     fa, fb = frames_of(client, a["id"], tmp_path), frames_of(client, b["id"], tmp_path)
     server["done"][11] = (a["id"], fa)
 
-    cli = subprocess.run(torchrun("--model_dir", server["model_dir"], *MODEL_FLAGS,
-                                  "--prompt", "a lighthouse in a storm", "--seed", "11",
-                                  "--save_path", str(tmp_path / "cli")),
-                         capture_output=True, text=True, env=ENV, timeout=300)
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    expected = read_frames(next((tmp_path / "cli").glob("*seed11.mp4")))
+    out, _ = server["cli"].communicate(timeout=300)
+    assert server["cli"].returncode == 0, out[-3000:]
+    expected = read_frames(next((server["save"] / "cli").glob("*seed11.mp4")))
     assert fa.shape == (17, 64, 64, 3) and np.array_equal(fa, expected)
     assert np.abs(fa.astype(int) - fb.astype(int)).mean() > 1.0
 

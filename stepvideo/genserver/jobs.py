@@ -307,7 +307,8 @@ class JobStore:
 
     @property
     def running(self) -> Job | None:
-        return next((j for j in self.jobs.values() if j.status == "in_progress"), None)
+        with self.changed:
+            return next((j for j in self.jobs.values() if j.status == "in_progress"), None)
 
     # -- rank 0's main thread -----------------------------------------------------------------
 
