@@ -21,7 +21,6 @@ import the runner, which imports it).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import sys
 import threading
@@ -29,12 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..service.client import ServiceError
 from ..service.server import ServerOptions, check_bind, create_server
 from .app import MAX_BODY, create_app
 from .jobs import Job, JobLimits, JobSpec, JobStore
-
-logger = logging.getLogger("stepvideo.genserver")
 
 IDLE, JOB = 0, 1
 HEARTBEAT_S = 2.0
@@ -133,8 +129,9 @@ def serve(gen, base, opts: ServeOptions) -> None:
     if ctx.is_main:
         try:
             rank0 = Rank0(gen, base, opts)
-        except OSError as e:
-            problem = f"cannot serve on {opts.host}:{opts.port}: {e.strerror or e}"
+        except OSError as e:     # the port is taken, or <save_path>/jobs cannot be written
+            problem = (f"cannot serve on {opts.host}:{opts.port} from {base.save_path}: "
+                       f"{type(e).__name__}: {e}")
     failed = ctx.broadcast_ints([int(problem is not None)] if ctx.is_main else None, gen.device)
     if failed[0]:
         raise BindError(problem or "rank 0 could not start the HTTP server")
@@ -161,8 +158,8 @@ def run_job(gen, base, spec: JobSpec, rank0: Rank0 | None) -> None:
     if job:
         try:
             text = gen.encode_text(req)
-        except ServiceError as e:
-            refusal = ("failed", f"text encoding failed: {e}")
+        except Exception as e:  # noqa: BLE001 - before go/no-go: the other ranks just skip
+            refusal = ("failed", f"text encoding failed: {type(e).__name__}: {e}")
         if job.cancel_requested:
             refusal = ("cancelled", "cancelled before the first step")
     if ctx.broadcast_ints([int(refusal is not None)] if job else None, gen.device)[0]:
@@ -185,9 +182,9 @@ def run_job(gen, base, spec: JobSpec, rank0: Rank0 | None) -> None:
                                            f"{spec.infer_steps}")
             log(f"job {job.id} cancelled at step {job.step}")
         return
-    except (ServiceError, OSError, ValueError) as e:
-        if not job:
-            raise
+    except Exception as e:  # noqa: BLE001 - after the last step only rank 0 is working
+        if not job or job.step < spec.infer_steps:
+            raise                       # inside the collectives: the ranks cannot go on
         store.finish(job, "failed", " ".join(f"{type(e).__name__}: {e}".split())[:1000])
         log(f"job {job.id} failed: {store.get(job.id).error}")
         return
