@@ -394,3 +394,81 @@ def test_token_rule_and_page(tmp_path):
     assert app.get("/health").status_code == 200
     page = app.get("/")
     assert page.status_code == 200 and b"<form id=\"submit-form\">" in page.data
+
+
+class FakeGen:
+    """A one-rank stand-in for ``VideoGenerator``: records the loop's broadcasts and calls
+    ``on_step`` like the pipeline; ``fail_at`` raises at that step (or after the last)."""
+
+    device = "cpu"
+
+    def __init__(self, fail_at: int | None = None, encode_error: Exception | None = None):
+        self.fail_at, self.encode_error, self.sent, self.generated = fail_at, encode_error, [], 0
+        self.ctx = self
+
+    is_main, world_size = True, 1
+
+    def broadcast_ints(self, values, device):
+        self.sent.append(list(values))
+        return list(values)
+
+    def encode_text(self, req):
+        if self.encode_error:
+            raise self.encode_error
+        return "embeddings"
+
+    def generate(self, req, progress, text, on_step):
+        self.generated += 1
+        for i in range(req.infer_steps):
+            if i == self.fail_at:
+                raise RuntimeError("boom inside the step")
+            on_step(i, None)
+        if self.fail_at == req.infer_steps:
+            raise RuntimeError("ffmpeg could not write")
+        stem = os.path.join(req.save_path, "v")
+        return {"outputs": {"video": stem + ".mp4", "sidecar": stem + ".json"}, "frames": 17,
+                "width": 64, "height": 64}
+
+
+def _one_job(tmp_path, gen, cancel_at_step=None):
+    from types import SimpleNamespace
+
+    from stepvideo.genserver.loop import run_job
+    from stepvideo.runner import GenerationRequest
+
+    store = JobStore(tmp_path)
+    store.submit(DEFAULTS, [])
+    rank0 = SimpleNamespace(store=store, job=store.next_job(0.01))
+    if cancel_at_step is not None:
+        step = store.step
+
+        def step_then_cancel(job, n):
+            step(job, n)
+            job.cancel_requested = job.cancel_requested or n == cancel_at_step
+
+        store.step = step_then_cancel
+    run_job(gen, GenerationRequest(model_dir="m"), DEFAULTS, rank0)
+    return rank0.job
+
+
+def test_loop_outcomes_without_processes(tmp_path):
+    gen = FakeGen()
+    job = _one_job(tmp_path / "ok", gen)
+    assert job.status == "completed" and job.outputs == {"video": "v.mp4", "sidecar": "v.json"}
+    assert gen.sent == [[0], [0], [0], [0]]           # go, then one stop flag per step
+
+    gen = FakeGen()
+    job = _one_job(tmp_path / "cancel", gen, cancel_at_step=1)
+    # asked during step 1's report: the ranks stop at the end of step 2, the next boundary
+    assert job.status == "cancelled" and job.error == "cancelled after step 2 of 3"
+    assert gen.sent == [[0], [0], [1]]
+
+    gen = FakeGen(encode_error=ValueError("prompt too long for the tokenizer"))
+    job = _one_job(tmp_path / "caption", gen)
+    assert job.status == "failed" and "prompt too long" in job.error
+    assert gen.sent == [[1]] and gen.generated == 0    # the other ranks skip the job
+
+    job = _one_job(tmp_path / "write", FakeGen(fail_at=3))   # after the last step: job fails
+    assert job.status == "failed" and "ffmpeg could not write" in job.error
+    with pytest.raises(RuntimeError, match="boom inside the step"):   # inside: the server stops
+        _one_job(tmp_path / "step", FakeGen(fail_at=1))
