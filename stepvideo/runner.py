@@ -118,7 +118,8 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
                    help="DiT weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
     g = p.add_argument_group("sampling")
     if require_prompt:
-        g.add_argument("--prompt", default=None, help="what the video shows (required unless --serve)")
+        g.add_argument("--prompt", default=None,
+                       help="what the video shows (required unless --serve)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="base",
                    help="defaults for steps/cfg/shift: base 50/9.0/13.0, turbo 15/5.0/17.0")
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps (preset)")
@@ -175,7 +176,8 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
     """The request for parsed flags (presets applied); ``prompt`` is empty when there is none."""
     preset = PRESETS[a.preset]
     return GenerationRequest(
-        model_dir=a.model_dir, transformer_dir=a.transformer_dir, prompt=getattr(a, "prompt", None) or "",
+        model_dir=a.model_dir, transformer_dir=a.transformer_dir,
+        prompt=getattr(a, "prompt", None) or "",
         vae_url=a.vae_url, caption_url=a.caption_url, encoder_device=a.encoder_device,
         encoder_dtype=a.encoder_dtype,
         infer_steps=preset.num_inference_steps if a.infer_steps is None else a.infer_steps,

@@ -5,10 +5,11 @@ threads of rank 0 while its main thread runs the jobs with the other ranks.
 * ``GET /v1/videos``                  every job, newest first
 * ``GET /v1/videos/{id}``             the job: status, progress 0-100, step/steps, times, parameters
 * ``DELETE /v1/videos/{id}``          cancel a queued job; stop a running one at its next step
-* ``GET /v1/videos/{id}/content``     the mp4; ``?variant=sidecar`` the JSON, ``contact_sheet`` the PNG
+* ``GET /v1/videos/{id}/content``     the mp4; ``?variant=sidecar`` the JSON, ``=contact_sheet``
+  the PNG
 * ``GET /v1/videos/{id}/events``      server-sent events: ``status`` on every change, ``progress``
   after every denoising step; the stream ends with the job
-* ``GET /health``, ``GET /info``      liveness (no token needed) and the model, degrees, queue, limits
+* ``GET /health``, ``GET /info``      liveness (no token needed); model, degrees, queue, limits
 * ``GET /``                           the web page (``page.html``; no data, so no token needed)
 
 Errors are JSON ``{"error", "status", "service"}`` as in the caption/VAE service: 400 malformed
