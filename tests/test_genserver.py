@@ -288,6 +288,9 @@ def test_web_page_submits_and_plays(server, tmp_path, capsys):
         seen = browser.eval("window.seen")
         assert len({v for v in seen if 0 < v < 100}) >= 2, seen      # the bar moved
         assert browser.eval(f"{card}.querySelector('video').videoWidth") == 64
+        assert browser.eval("performance.getEntriesByType('resource').some(function(e){"
+                            f"return e.name.endsWith('/v1/videos/{job_id}/events');}})"), \
+            "the page did not follow the job's event stream"
         assert "24" in browser.eval(f"{card}.querySelector('table').innerText")
         shot = browser.screenshot(tmp_path / "page.png")
     finally:
