@@ -6,6 +6,10 @@ Launched under torchrun like ``run_parallel.py`` and takes the same model, paral
 flags (``stepvideo.runner.build_parser``), without ``--prompt``. Rank 0 reads the suite, decides
 what is left to do, talks to the service and writes; every rank denoises.
 
+With ``--server URL`` it runs as one plain process and sends each prompt as a job to a running
+generation server (``run_parallel.py --serve``, ``stepvideo.genserver``), downloading the outputs
+into the same layout; no model is loaded here.
+
 Seeds: ``--seed_mode same`` (default) gives every prompt ``--seed``; ``--seed_mode line`` gives
 the prompt on line N ``--seed + N - 1``. Either way a prompt's seed does not depend on which lines
 are selected, so reruns and partial runs reproduce the same videos.
