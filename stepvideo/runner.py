@@ -127,7 +127,8 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
                    help="DiT weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
     g = p.add_argument_group("sampling")
     if require_prompt:
-        g.add_argument("--prompt", required=True, help="what the video shows")
+        g.add_argument("--prompt", default=None,
+                       help="what the video shows (required unless --serve)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="base",
                    help="defaults for steps/cfg/shift: base 50/9.0/13.0, turbo 15/5.0/17.0")
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps (preset)")
@@ -158,12 +159,41 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--name_suffix", default="", help="appended to the output file names")
     g.add_argument("--no_denoise_filter", action="store_true", help="skip ffmpeg's atadenoise")
     g.add_argument("--no_crop", action="store_true", help="keep the full frame (no 540p crop)")
+    if require_prompt:
+        add_server_args(p)
     return p
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation server (--serve: stepvideo/genserver; the sampling flags "
+                             "are the preset of jobs that leave them out)")
+    g.add_argument("--serve", action="store_true",
+                   help="keep the model loaded and run video jobs sent over HTTP (no --prompt); "
+                        "outputs go to <save_path>/jobs/<id>/")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything but loopback requires a token")
+    g.add_argument("--port", type=int, default=8000, help="port to bind")
+    g.add_argument("--max_queue", type=int, default=8, help="queued jobs accepted (429 above)")
+    g.add_argument("--token_file", default=None,
+                   help="file holding the bearer token (default: $STEPVIDEO_API_TOKEN)")
+
+
+def parse_args(argv: list[str] | None = None,
+               p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """``run_parallel.py``'s flags: ``--prompt`` for one video, or ``--serve`` without it."""
+    p = p or build_parser()
+    a = p.parse_args(argv)
+    if a.serve and a.prompt is not None:
+        p.error("--prompt is not used with --serve: submit prompts to the server "
+                "(POST /v1/videos or its web page)")
+    if not a.serve and a.prompt is None:
+        p.error("the following arguments are required: --prompt (or --serve)")
+    return a
 
 
 def request_from_args(argv: list[str] | None = None) -> GenerationRequest:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv, parser)
     try:
         return request_from_namespace(args)
     except ValueError as e:  # a flag value the configs refuse: argparse's one-line error, exit 2
@@ -174,7 +204,8 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
     """The request for parsed flags (presets applied); ``prompt`` is empty when there is none."""
     preset = PRESETS[a.preset]
     return GenerationRequest(
-        model_dir=a.model_dir, transformer_dir=a.transformer_dir, prompt=getattr(a, "prompt", ""),
+        model_dir=a.model_dir, transformer_dir=a.transformer_dir,
+        prompt=getattr(a, "prompt", None) or "",
         vae_url=a.vae_url, caption_url=a.caption_url, encoder_device=a.encoder_device,
         encoder_dtype=a.encoder_dtype,
         infer_steps=preset.num_inference_steps if a.infer_steps is None else a.infer_steps,
@@ -389,11 +420,12 @@ class VideoGenerator:
 
     @torch.inference_mode()
     def generate(self, req: GenerationRequest, progress: bool = True,
-                 text: TextEmbeddings | None = None) -> dict | None:
+                 text: TextEmbeddings | None = None, on_step=None) -> dict | None:
         """Run one request; rank 0 returns the record written to the sidecar, other ranks None.
 
         ``text`` (rank 0) skips the caption call when the caller encoded already with
         ``encode_text`` (whose time the pipeline kept); every rank calls this for the same request.
+        ``on_step(i, latents)`` runs after every denoising step on every rank.
         """
         pipe = self.pipe
         if text is None and self.ctx.is_main:
@@ -402,7 +434,8 @@ class VideoGenerator:
         x = pipe.sample(text, req.size, req.infer_steps, req.cfg_scale, req.time_shift,
                         seed=req.seed, cfg=self.ctx.cfg, progress=progress and self.ctx.is_main,
                         cache=req.cache, reduce=functools.partial(self.ctx.all_reduce_sum,
-                                                                  device=self.device))
+                                                                  device=self.device),
+                        on_step=on_step)
         if not self.ctx.is_main:
             return None
         stem = output_stem(req)
@@ -464,10 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     afterwards, 130 interrupted (Ctrl-C). Under torchrun, the launcher's own exit code wraps these."""
     from .service.client import ServiceError
 
-    req = request_from_args(argv)
+    a = parse_args(argv)
+    req = request_from_namespace(a)
     env = LaunchEnv.from_environ()
     gen = None
     try:
+        if a.serve:
+            return serve(req, a, env)
         if not req.prompt.strip():
             raise PreflightError("--prompt is empty; say what the video should show")
         gen = VideoGenerator(req, env)
@@ -481,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         if env.rank == 0:
-            print("\ninterrupted: no video written", file=sys.stderr)
+            print("\ninterrupted: " + ("server stopped" if a.serve else "no video written"),
+                  file=sys.stderr)
         return 130
     if record is not None:
         out = {k: os.path.abspath(v) for k, v in record["outputs"].items()}
@@ -489,6 +526,22 @@ def main(argv: list[str] | None = None) -> int:
               f"sidecar {out['sidecar']}" + (f", contact sheet {out['contact_sheet']}"
                                              if "contact_sheet" in out else ""))
     gen.close()
+    return 0
+
+
+def serve(req: GenerationRequest, a: argparse.Namespace, env: LaunchEnv) -> int:
+    """``--serve``: the bind and token checked, the model loaded once, then jobs until stopped."""
+    from .genserver.loop import BindError, ServeOptions, serve as serve_jobs
+
+    try:
+        opts = ServeOptions.checked(req.model_dir, a.host, a.port, a.token_file, a.max_queue)
+    except ValueError as e:
+        raise PreflightError(str(e)) from e
+    gen = VideoGenerator(req, env)
+    try:
+        serve_jobs(gen, req, opts)
+    except BindError as e:   # every rank hears it
+        raise PreflightError(str(e)) from e
     return 0
 
 

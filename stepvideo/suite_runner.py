@@ -6,6 +6,10 @@ Launched under torchrun like ``run_parallel.py`` and takes the same model, paral
 flags (``stepvideo.runner.build_parser``), without ``--prompt``. Rank 0 reads the suite, decides
 what is left to do, talks to the service and writes; every rank denoises.
 
+With ``--server URL`` it runs as one plain process and sends each prompt as a job to a running
+generation server (``run_parallel.py --serve``, ``stepvideo.genserver``), downloading the outputs
+into the same layout; no model is loaded here.
+
 Seeds: ``--seed_mode same`` (default) gives every prompt ``--seed``; ``--seed_mode line`` gives
 the prompt on line N ``--seed + N - 1``. Either way a prompt's seed does not depend on which lines
 are selected, so reruns and partial runs reproduce the same videos.
@@ -45,6 +49,9 @@ SEED_MODES = ("same", "line")
 CHECKED_SETTINGS = ("prompt", "seed", "model_dir", "transformer_dir", "infer_steps", "cfg_scale",
                     "time_shift", "num_frames", "height", "width", "pos_magic", "neg_magic",
                     "denoise_filter", "crop_540p")
+# With --server the server's own flags decide the rest (model, pos_magic, filters).
+SERVER_CHECKED_SETTINGS = ("prompt", "seed", "infer_steps", "cfg_scale", "time_shift",
+                           "num_frames", "height", "width", "neg_magic")
 OUTPUT_SUFFIXES = (".mp4", ".json", ".png")
 
 
@@ -61,6 +68,7 @@ class BenchmarkOptions:
     limit: int | None = None
     seed_mode: str = "same"
     gallery: bool = True
+    server: str | None = None
 
 
 def add_suite_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +90,11 @@ def add_suite_args(p: argparse.ArgumentParser) -> None:
                    help="same: every prompt uses --seed; line: the prompt on line N uses "
                         "--seed + N - 1")
     g.add_argument("--no_gallery", action="store_true", help="do not write index.html")
+    g.add_argument("--server", default=None, metavar="URL",
+                   help="submit the prompts to a running generation server (run_parallel.py "
+                        "--serve) instead of loading a model: no torchrun and no --model_dir; "
+                        "the sampling flags are sent with each job, the server's own flags "
+                        "decide the rest")
 
 
 def build_benchmark_parser() -> argparse.ArgumentParser:
@@ -96,6 +109,9 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
                      "settings or seeds in a prompt's folder are replaced, so compare settings "
                      "in separate --save_path folders.")
     add_suite_args(p)
+    for action in p._actions:       # --server needs no model; parse_benchmark_args checks
+        if action.dest == "model_dir":
+            action.required = False
     return p
 
 
@@ -105,8 +121,11 @@ def parse_benchmark_args(argv: list[str] | None = None
     a = parser.parse_args(argv)
     if a.limit is not None and a.limit < 1:
         parser.error(f"--limit must be >= 1, got {a.limit}")
+    if a.model_dir is None and a.server is None:
+        parser.error("the following arguments are required: --model_dir (or --server URL)")
     opts = BenchmarkOptions(a.suite, a.prompts, a.categories, a.lines, a.limit, a.seed_mode,
-                            not a.no_gallery)
+                            not a.no_gallery, a.server)
+    a.model_dir = a.model_dir or ""
     try:
         return opts, request_from_namespace(a)
     except ValueError as e:
@@ -140,6 +159,7 @@ def select_entries(opts: BenchmarkOptions) -> tuple[SuiteFiles, list[PromptEntry
 class PromptJob:
     entry: PromptEntry
     request: GenerationRequest
+    checked: tuple[str, ...] = CHECKED_SETTINGS
 
     @property
     def directory(self) -> Path:
@@ -149,21 +169,24 @@ class PromptJob:
         return Path(output_stem(self.request) + suffix)
 
     def expected(self) -> dict:
-        return {**{k: getattr(self.request, k) for k in CHECKED_SETTINGS},
-                **self.request.cache_settings()}
+        expected = {k: getattr(self.request, k) for k in self.checked}
+        if self.checked == CHECKED_SETTINGS:  # a run with its own model: its caching flags too
+            expected.update(self.request.cache_settings())
+        return expected
 
     def check(self):
         return check_outputs(self.path(".mp4"), self.path(".json"), self.expected(),
                              need_contact_sheet=self.request.contact_sheet)
 
 
-def make_jobs(base: GenerationRequest, entries: list[PromptEntry], seed_mode: str
-              ) -> list[PromptJob]:
+def make_jobs(base: GenerationRequest, entries: list[PromptEntry], seed_mode: str,
+              checked: tuple[str, ...] = CHECKED_SETTINGS) -> list[PromptJob]:
     def seed(e: PromptEntry) -> int:
         return base.seed if seed_mode == "same" else base.seed + e.index - 1
 
     return [PromptJob(e, dataclasses.replace(base, prompt=e.prompt, seed=seed(e),
-                                             save_path=os.path.join(base.save_path, e.stem)))
+                                             save_path=os.path.join(base.save_path, e.stem)),
+                      checked)
             for e in entries]
 
 
@@ -200,8 +223,16 @@ class BenchmarkRun:
 
     def __init__(self, gen, base: GenerationRequest, run_id: str, log: Callable[[str], None]):
         self.gen, self.base, self.run_id, self.log = gen, base, run_id, log
-        self.is_main = gen.ctx.is_main
+        self.is_main = gen.ctx.is_main if gen else True
         self.counts = {"generated": 0, "skipped": 0, "failed": 0}
+
+    @property
+    def load_seconds(self) -> float:
+        return self.gen.load_seconds
+
+    @property
+    def world_size(self) -> int:
+        return self.gen.ctx.world_size
 
     # -- rank 0 --------------------------------------------------------------------------------
 
@@ -308,8 +339,8 @@ def run_summary(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry]
                 started: float, started_at: str) -> dict:
     info = {"run_id": run.run_id, "started_at": started_at, "finished_at": now_iso(),
             "wall_s": round(time.perf_counter() - started, 3), "selected": len(entries),
-            **run.counts, "load_transformer_s": round(run.gen.load_seconds, 3),
-            "world_size": run.gen.ctx.world_size, "suite": files.name,
+            **run.counts, "load_transformer_s": round(run.load_seconds, 3),
+            "world_size": run.world_size, "suite": files.name,
             "prompts_file": str(files.prompts)}
     return summarize(entries, read_manifest(run.base.save_path), info)
 
@@ -321,6 +352,8 @@ def main(argv: list[str] | None = None,
     from .runner import VideoGenerator
 
     opts, base = parse_benchmark_args(argv)
+    if opts.server:
+        return run_on_server(opts, base, gallery)
     env = LaunchEnv.from_environ()
     rank = env.rank
     started, started_at = time.perf_counter(), now_iso()
@@ -367,6 +400,84 @@ def finish(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry], sta
         f"{run.counts['failed']} failed in {summary['run']['wall_s']:.1f} s")
     log(f"summary {path}; manifest {os.path.join(run.base.save_path, MANIFEST)}")
 
+
+# --------------------------------------------------------------------------------------------
+# --server: the prompts as jobs of a running generation server
+# --------------------------------------------------------------------------------------------
+
+class ServerRun(BenchmarkRun):
+    """Each prompt a job of ``run_parallel.py --serve``; its outputs downloaded into the suite's
+    layout, so manifest, resume, summary and gallery are the same as with a local model."""
+
+    def __init__(self, client, info: dict, base: GenerationRequest, run_id: str,
+                 log: Callable[[str], None]):
+        super().__init__(None, base, run_id, log)
+        self.client, self.info = client, info
+
+    @property
+    def load_seconds(self) -> float:
+        return float(self.info["model"]["load_s"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.info["degrees"]["world_size"])
+
+    def run_job(self, job: PromptJob, position: str) -> None:
+        import json
+
+        from .genserver.client import GenerationError
+
+        r, t0 = job.request, time.perf_counter()
+        try:
+            job_id = self.client.submit(
+                prompt=r.prompt, negative_prompt=r.neg_magic, seed=r.seed,
+                num_frames=r.num_frames, height=r.height, width=r.width,
+                infer_steps=r.infer_steps, cfg_scale=r.cfg_scale, time_shift=r.time_shift)["id"]
+            done = self.client.wait(job_id)
+            if done["status"] != "completed":
+                return self._failed(job, f"server job {job_id} {done['status']}: "
+                                         f"{done.get('error', '')}", position)
+            record = json.loads(self.client.content(job_id, "sidecar"))
+            outputs = {"video": str(self.client.download(job_id, job.path(".mp4")))}
+            if "contact_sheet" in done.get("variants", []):
+                outputs["contact_sheet"] = str(self.client.download(
+                    job_id, job.path(".png"), "contact_sheet"))
+            record["outputs"] = {k: os.path.abspath(v) for k, v in outputs.items()}
+            record["server_job"] = {"url": self.client.url, "id": job_id}
+            write_json_atomic(job.path(".json"), record)
+        except (GenerationError, OSError, ValueError) as e:
+            return self._failed(job, f"{type(e).__name__}: {e}", position)
+        self._finish(job, record, t0, position)
+
+
+def run_on_server(opts: BenchmarkOptions, base: GenerationRequest,
+                  gallery: Callable[[str], str] | None) -> int:
+    from .genserver.client import GenerationClient, GenerationError
+
+    started, started_at = time.perf_counter(), now_iso()
+    client = GenerationClient(opts.server)
+    try:
+        files, entries = select_entries(opts)
+        log(describe_selection(files, entries))
+        info = client.info()
+    except (SuiteError, GenerationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = ServerRun(client, info, base, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", log)
+    todo = run.plan(make_jobs(base, entries, opts.seed_mode, SERVER_CHECKED_SETTINGS))
+    log(f"{len(entries) - len(todo)} already done, {len(todo)} to run on {client.url}; results "
+        f"go to {os.path.abspath(base.save_path)}")
+    try:
+        for i, job in enumerate(todo, start=1):
+            run.run_job(job, f"[{i}/{len(todo)}]")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {run.counts['generated']} new video(s); jobs already "
+              "submitted keep running on the server", file=sys.stderr)
+        return 130
+    finish(run, files, entries, started, started_at)
+    if opts.gallery and gallery is not None:
+        log(f"gallery {gallery(base.save_path)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ FORBIDDEN = {
     "stepvideo.parallel": ("stepvideo.diffusion", "stepvideo.service", "stepvideo.runner"),
     "stepvideo.diffusion": ("stepvideo.service", "stepvideo.runner"),
     "stepvideo.service": ("stepvideo.diffusion", "stepvideo.parallel", "stepvideo.runner"),
+    # The generation server sits beside the runner: the runner enters it and hands it the loaded
+    # VideoGenerator, so it never imports the runner (nor does anything below import it).
+    "stepvideo.genserver": ("stepvideo.runner", "stepvideo.suite_runner"),
 }
+for _lower in ("stepvideo.modules", "stepvideo.text_encoder", "stepvideo.vae",
+               "stepvideo.conditioning", "stepvideo.parallel", "stepvideo.diffusion",
+               "stepvideo.service"):
+    FORBIDDEN[_lower] += ("stepvideo.genserver",)
 # The release's call form ``pipeline.setup_api(vae_url, caption_url)`` builds the HTTP clients: the
 # one upward import, at call time (the client never imports the pipeline, so no cycle).
 ALLOWED = {("stepvideo.diffusion.video_pipeline", "stepvideo.service.client")}

@@ -26,6 +26,7 @@ SCRIPTS = {"stepvideo-server": "stepvideo.service.cli:main",
            "stepvideo-benchmark": "stepvideo.suite_runner:main"}
 SHIPPED = ["stepvideo/service/cli.py", "stepvideo/runner.py", "stepvideo/suite_runner.py",
            "stepvideo/gallery.py", "stepvideo/assets/tiny_corpus.txt",
+           "stepvideo/genserver/loop.py", "stepvideo/genserver/page.html",
            "stepvideo/assets/suite_mini.txt", "stepvideo/assets/suite_mini_categories.json"]
 # What a build must not see: VCS data, environments, build outputs and run outputs.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "outputs", "*.egg-info",

@@ -265,14 +265,14 @@ def create_app(models: ServiceModels, token: str | None = None,
     limits = limits or AppLimits(max_body=max_body)
     app = Flask("stepvideo.service")
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body
-    app.before_request(_auth_check(token))
+    app.before_request(auth_check(token))
     _register_errors(app)
     _register_api(app, models, limits)
     _register_status(app, models, limits, token, connections)
     return app
 
 
-def _json_error(status: int, message: str, service: str = "", headers: dict | None = None,
+def json_error(status: int, message: str, service: str = "", headers: dict | None = None,
                 **extra: Any):
     from flask import jsonify
 
@@ -286,7 +286,7 @@ def _service_of(path: str) -> str:
     return {"/caption-api": "caption", "/vae-api": "vae"}.get(path, "")
 
 
-def _auth_check(token: str | None):
+def auth_check(token: str | None):
     from flask import request
 
     expected = token.encode("ascii") if token else None
@@ -298,7 +298,7 @@ def _auth_check(token: str | None):
         if scheme.lower() == "bearer" and hmac.compare_digest(
                 given.strip().encode("utf-8", "surrogateescape"), expected):
             return None
-        return _json_error(401, f"missing or wrong token: send 'Authorization: Bearer <token>' "
+        return json_error(401, f"missing or wrong token: send 'Authorization: Bearer <token>' "
                                 f"(the client reads {TOKEN_ENV})", _service_of(request.path),
                            {"WWW-Authenticate": "Bearer"})
 
@@ -311,17 +311,17 @@ def _register_errors(app) -> None:
 
     @app.errorhandler(ProtocolError)
     def protocol_error(e: ProtocolError):
-        return _json_error(e.status, str(e), _service_of(request.path))
+        return json_error(e.status, str(e), _service_of(request.path))
 
     @app.errorhandler(ServiceUnavailable)
     def unavailable(e: ServiceUnavailable):
         headers = {"Retry-After": "1"} if e.retryable else {}
-        return _json_error(503, str(e), _service_of(request.path), headers,
+        return json_error(503, str(e), _service_of(request.path), headers,
                            retryable=e.retryable)
 
     @app.errorhandler(ModelFailure)
     def model_failure(e: ModelFailure):
-        return _json_error(500, str(e), _service_of(request.path))
+        return json_error(500, str(e), _service_of(request.path))
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
@@ -330,12 +330,12 @@ def _register_errors(app) -> None:
             message = (f"request body is larger than this server's limit of "
                        f"{app.config['MAX_CONTENT_LENGTH']} bytes (--max_body_mb); "
                        "send fewer prompts or a smaller latent batch")
-        return _json_error(e.code or 500, message, _service_of(request.path))
+        return json_error(e.code or 500, message, _service_of(request.path))
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception):
         logger.exception("unexpected error in %s", request.path)
-        return _json_error(500, f"internal error: {type(e).__name__}: {str(e)[:200]}",
+        return json_error(500, f"internal error: {type(e).__name__}: {str(e)[:200]}",
                            _service_of(request.path))
 
 
