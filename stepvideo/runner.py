@@ -243,7 +243,7 @@ class VideoGenerator:
         except (ValueError, RuntimeError) as e:
             raise PreflightError(str(e)) from e
         if self.ctx.is_main:
-            for note in notes:
+            for note in [*notes, *self.ctx.notes]:
                 print(f"note: {note}", file=sys.stderr)
         self._rank0_checks(req)
         t0 = time.perf_counter()

@@ -32,6 +32,7 @@ def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch
         raise ValueError(f"unknown parallel backend {backend!r}; choose one of {list(BACKENDS)}")
     if env.world_size == 1:
         return ParallelContext(config, env)
+    note = config.node_layout_note(env.local_world_size, env.world_size)
     import torch.distributed as dist
 
     device = torch.device(device)
@@ -50,4 +51,5 @@ def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch
         plan = UlyssesPlan(groups)
     cfg = CfgParallel(groups) if config.cfg_degree == 2 else None
     return ParallelContext(config, env, groups, plan, cfg,
-                           lambda model: apply_tensor_parallel(model, groups))
+                           lambda model: apply_tensor_parallel(model, groups),
+                           [note] if note else [])
