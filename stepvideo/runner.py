@@ -84,8 +84,12 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--model_dir", required=True, help="stepvideo-t2v folder (official layout)")
     g.add_argument("--transformer_dir", default=None,
                    help="a different transformer/ (e.g. Turbo) used with --model_dir's scheduler")
-    g.add_argument("--vae_url", default="127.0.0.1", help="VAE service: host, host:port or URL")
-    g.add_argument("--caption_url", default="127.0.0.1", help="caption service: host, host:port or URL")
+    g.add_argument("--vae_url", default="127.0.0.1",
+                   help="VAE service: host, host:port or URL; a comma-separated list spreads the "
+                        "calls over replicas and fails over when one is down")
+    g.add_argument("--caption_url", default="127.0.0.1",
+                   help="caption service: host, host:port or URL; a comma-separated list for "
+                        "replicas, as --vae_url")
     g = p.add_argument_group("parallelism (world size = ulysses x ring x tensor_parallel x cfg)")
     g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel all-to-all degree; must divide 48 heads")
     g.add_argument("--ring_degree", type=int, default=1, help="sequence-parallel ring degree")
@@ -198,12 +202,15 @@ def check_writable(directory: str) -> None:
 
 
 def check_services(req: GenerationRequest, wait_s: float = 900.0) -> None:
-    """Both services answer /health; one still loading its models is waited for."""
-    from .service.client import RemoteTextEncoder, RemoteVAE, ServiceError
+    """Both services answer /health (with replicas: at least one of each); one still loading its
+    models is waited for."""
+    from .service import replicas
+    from .service.client import ServiceError
 
-    for flag, client in (("caption_url", RemoteTextEncoder(req.caption_url)),
-                         ("vae_url", RemoteVAE(req.vae_url))):
+    for flag, make, url in (("caption_url", replicas.text_encoder, req.caption_url),
+                            ("vae_url", replicas.vae, req.vae_url)):
         try:
+            client = make(url)
             if client.health().get("status") != "ready":
                 client.wait_ready(timeout=wait_s)
         except (ServiceError, ValueError) as e:

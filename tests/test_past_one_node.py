@@ -1,19 +1,27 @@
-"""Past one node on 127.0.0.1: two ``torchrun --nnodes 2 --nproc_per_node 1`` launches meeting at a
-c10d rendezvous make the same video as one ``--nproc_per_node 2`` launch (Ulysses 2, CFG 2), and
-the rule that keeps Ulysses groups inside a node."""
+"""Past one node, with real processes on 127.0.0.1: two ``torchrun --nnodes 2 --nproc_per_node 1``
+launches meeting at a c10d rendezvous make the same video as one ``--nproc_per_node 2`` launch
+(Ulysses 2, CFG 2); the rule that keeps Ulysses groups inside a node; service replicas with one
+down and one answering 503; a prompt suite run as two shards (one killed and rerun) into one save
+path, merged by benchmark/report.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stepvideo.parallel import LaunchEnv, ParallelConfig
+from stepvideo.service import replicas
+from stepvideo.service.client import RemoteTextEncoder, RemoteVAE, RetryPolicy, ServiceError
 from stepvideo.video_io import read_frames
 from tests.helpers import ROOT, free_port, running_service
 
@@ -103,3 +111,86 @@ def test_launch_env_reads_local_world_size(monkeypatch):
         (5, 1, 8, 4, 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert LaunchEnv.from_environ().nodes == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Service replicas
+# --------------------------------------------------------------------------------------------
+
+class Busy(BaseHTTPRequestHandler):
+    """A replica that is up but answers 503 (still loading) to everything."""
+
+    hits = 0
+
+    def _busy(self):
+        type(self).hits += 1
+        body = json.dumps({"error": "models are loading", "retryable": True}).encode()
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _busy
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def busy_replica():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Busy.hits = 0
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_replicas_one_down_one_busy_every_answer_right(service, busy_replica):
+    down = f"127.0.0.1:{free_port()}"
+    urls = f"{down}, {service},{busy_replica}"
+    fast = RetryPolicy(max_wait=1.0, initial_backoff=0.1)
+    enc, dec = replicas.text_encoder(urls, retry=fast), replicas.vae(urls, retry=fast)
+    assert isinstance(enc, replicas.ReplicatedTextEncoder) and len(enc.clients) == 3
+    direct_enc, direct_dec = RemoteTextEncoder(service), RemoteVAE(service)
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):  # the round-robin start visits every replica
+        prompts = [f"a red fox, take {i}", "a quiet harbour at dawn"]
+        got, want = enc.encode(prompts), direct_enc.encode(prompts)
+        for f in ("y", "mask", "clip"):
+            assert torch.equal(getattr(got, f), getattr(want, f))
+        z = torch.randn(1, 3, 16, 4, 4, generator=g)
+        assert torch.equal(dec.decode_uint8(z), direct_dec.decode_uint8(z))
+    assert Busy.hits >= 1, "the 503 replica was never asked"
+    health = enc.health()
+    assert health["status"] == "ready"
+    assert [h["status"] for h in health["replicas"].values()] == ["unreachable", "ready",
+                                                                  "unavailable"]
+    # a 4xx is the request's fault: raised at once by the replica that answered, no failover
+    with pytest.raises(ServiceError, match="HTTP 422") as e:
+        enc.encode(["x" * 20_001])
+    assert e.value.url.startswith("http://" + service)
+
+
+def test_replicas_all_down_names_every_replica(busy_replica):
+    down = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    enc = replicas.text_encoder(",".join([*down, busy_replica]),
+                                retry=RetryPolicy(max_wait=0.3, initial_backoff=0.1))
+    with pytest.raises(ServiceError, match="all 3 replicas failed") as e:
+        enc.encode(["a fox"])
+    for url in [*down, busy_replica]:
+        assert f"http://{url}:" in str(e.value) or f"http://{url}" in str(e.value)
+    assert "HTTP 503: models are loading" in str(e.value) and "unreachable" in str(e.value)
+    assert isinstance(replicas.vae(down[0]), RemoteVAE)  # one address: the plain client
+    with pytest.raises(ValueError, match="no empty entry"):
+        replicas.vae(f"{down[0]},,")
+
+
+def test_replica_order_round_robin_and_cooldown():
+    clients = [RemoteVAE(f"127.0.0.1:{p}") for p in (1001, 1002, 1003)]
+    r = replicas.ReplicatedVAE(clients, cooldown=60)
+    assert [r.order()[0] for _ in range(4)] == [0, 1, 2, 0]
+    r._failed_at[1] = __import__("time").monotonic()  # replica 1 just failed: it goes last
+    assert [r.order() for _ in range(3)] == [[2, 0, 1], [2, 0, 1], [0, 2, 1]]
