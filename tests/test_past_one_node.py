@@ -194,3 +194,109 @@ def test_replica_order_round_robin_and_cooldown():
     assert [r.order()[0] for _ in range(4)] == [0, 1, 2, 0]
     r._failed_at[1] = __import__("time").monotonic()  # replica 1 just failed: it goes last
     assert [r.order() for _ in range(3)] == [[2, 0, 1], [2, 0, 1], [0, 2, 1]]
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded prompt suites
+# --------------------------------------------------------------------------------------------
+
+SHARDS = {1: [1, 3, 5], 2: [2, 4, 6]}        # every 2nd prompt of lines 1-6 of stepvideo-mini
+
+
+def shard_cmd(model_dir: str, url: str, save: Path, k: int) -> list[str]:
+    return [sys.executable, str(ROOT / "benchmark" / "run_benchmark.py"), "--model_dir", model_dir,
+            "--vae_url", url, "--caption_url", url, "--suite", "stepvideo-mini", "--lines", "1-6",
+            "--shard", f"{k}/2", "--save_path", str(save), "--device", "cpu", *SIZE]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**ENV, "PYTHONUNBUFFERED": "1"})
+
+
+def ok_records(save: Path, part: str) -> list:
+    from stepvideo.suite import ManifestRecord
+
+    path = save / part
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(ManifestRecord.from_json(json.loads(line)))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if r.status == "ok"]
+
+
+def test_shards_split_a_suite_one_killed_and_rerun(tiny_model_dir, service, tmp_path, capsys):
+    import time
+
+    from stepvideo.shards import Shard
+    from stepvideo.suite import latest_by_index, read_manifest
+    from tests.test_benchmark import check_gallery, finished_videos
+
+    save = tmp_path / "results"
+    logs = {k: tmp_path / f"shard{k}.log" for k in (1, 2)}
+    procs = {k: start(shard_cmd(tiny_model_dir, service, save, k), logs[k]) for k in (1, 2)}
+    part2 = Shard(2, 2).manifest
+    try:
+        deadline = time.monotonic() + 180
+        while not ok_records(save, part2):  # kill shard 2 once its first prompt is recorded
+            assert procs[2].poll() is None, logs[2].read_text(errors="replace")
+            assert time.monotonic() < deadline, logs[2].read_text(errors="replace")
+            time.sleep(0.02)
+        assert procs[2].poll() is None, "shard 2 finished before the kill"
+        procs[2].kill()
+        procs[2].wait(timeout=30)
+        assert procs[1].wait(timeout=180) == 0, logs[1].read_text(errors="replace")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    done2 = [r.index for r in ok_records(save, part2)]
+    assert 1 <= len(done2) < 3 and set(done2) <= set(SHARDS[2])
+    partial = json.loads((save / "summary.json").read_text(encoding="utf-8"))
+    assert partial["run"]["missing"] == ["shard-2-of-2"] and partial["prompts"] == 6
+    assert partial["ok"] == 3 + len(done2) and partial["pending"] == 3 - len(done2)
+
+    rerun = start(shard_cmd(tiny_model_dir, service, save, 2), tmp_path / "rerun.log")
+    assert rerun.wait(timeout=180) == 0, (tmp_path / "rerun.log").read_text(errors="replace")
+    text = (tmp_path / "rerun.log").read_text(errors="replace")
+    assert f"{len(done2)} already done, {3 - len(done2)} to run" in text, text
+
+    # each prompt exactly once: one ok record in its own shard's part, one video in its folder
+    for k, lines in SHARDS.items():
+        assert sorted(r.index for r in ok_records(save, Shard(k, 2).manifest)) == lines
+    assert not (save / "manifest.jsonl").exists()
+    latest = latest_by_index(read_manifest(save))
+    assert sorted(latest) == list(range(1, 7)) and all(r.status == "ok" for r in latest.values())
+    assert len(finished_videos(save)) == 6
+    for r in latest.values():
+        assert len(finished_videos(save / Path(r.outputs["video"]).parent, "*.mp4")) == 1
+
+    report = subprocess.run([sys.executable, str(ROOT / "benchmark" / "report.py"), str(save)],
+                            capture_output=True, text=True, env=ENV, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "merged from the shards" in report.stdout
+    summary = json.loads((save / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["prompts"], summary["ok"], summary["pending"]) == (6, 6, 0)
+    assert summary["run"]["missing"] == [] and summary["per_category"]["Food"]["ok"] == 2
+    check_gallery(save, tmp_path, capsys, expected_cards=6)
+
+
+def test_shard_selection_is_a_partition():
+    from stepvideo.shards import Shard
+    from stepvideo.suite import SuiteError
+
+    items = list(range(1, 11))
+    parts = [Shard(k, 3).select(items) for k in (1, 2, 3)]
+    assert parts == [[1, 4, 7, 10], [2, 5, 8], [3, 6, 9]]
+    assert sorted(sum(parts, [])) == items
+    assert Shard.parse(" 2 / 4 ") == Shard(2, 4) and Shard(2, 4).manifest == \
+        "manifest.shard-2-of-4.jsonl"
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0"):
+        with pytest.raises(SuiteError, match="--shard"):
+            Shard.parse(bad)
