@@ -97,7 +97,8 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--cfg_parallel", action="store_true",
                    help="run the positive and negative halves of CFG on two rank groups")
     g.add_argument("--parallel_backend", choices=["torch", "xfuser"], default="torch",
-                   help="torch: torch.distributed (NCCL/gloo); xfuser: yunchang/xDiT kernels on GPUs")
+                   help="torch: torch.distributed (NCCL/gloo); xfuser: xfuser's environment and "
+                        "xFuserLongContextAttention, CUDA only (pip install 'stepvideo[xfuser]')")
     g.add_argument("--attn_backend", choices=["auto", "sdpa", "flash"], default="auto",
                    help="single-device attention kernel")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")

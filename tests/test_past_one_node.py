@@ -300,3 +300,35 @@ def test_shard_selection_is_a_partition():
     for bad in ("0/2", "3/2", "1", "a/b", "1/0"):
         with pytest.raises(SuiteError, match="--shard"):
             Shard.parse(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# xfuser: checked before anything starts (the GPU comparison is benchmark/gpu_check.py)
+# --------------------------------------------------------------------------------------------
+
+def test_xfuser_requirements_are_one_line_each():
+    from stepvideo.parallel.xfuser_backend import check_xfuser, version_problem
+
+    assert version_problem({"xfuser": "0.4.5", "yunchang": "0.6.4"}) is None
+    assert "xfuser not installed; pip install 'stepvideo[xfuser]'" in \
+        version_problem({"xfuser": None, "yunchang": "0.6.4"})
+    wrong = version_problem({"xfuser": "0.7.0", "yunchang": "0.6.4"})
+    assert "found xfuser 0.7.0, yunchang 0.6.4" in wrong and "update_npu_out" in wrong
+    with pytest.raises(RuntimeError, match="does not combine with --tensor_parallel_degree 2"):
+        check_xfuser(ParallelConfig(ulysses_degree=2, tensor_parallel_degree=2), "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="runs on CUDA GPUs only .* device is cpu"):
+            check_xfuser(ParallelConfig(ulysses_degree=2), "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_xfuser_backend_on_cpu_is_one_clear_line(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), "--model_dir",
+                           tiny_model_dir, "--prompt", "a fox", "--parallel_backend", "xfuser",
+                           "--save_path", str(tmp_path), *SIZE],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: --parallel_backend xfuser runs on CUDA GPUs only"), \
+        proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
