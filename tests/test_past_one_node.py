@@ -332,3 +332,26 @@ def test_xfuser_backend_on_cpu_is_one_clear_line(tiny_model_dir, tmp_path):
     assert lines[-1].startswith("error: --parallel_backend xfuser runs on CUDA GPUs only"), \
         proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_sbatch_script_launches_torchrun_per_node(tmp_path):
+    """scripts/two_nodes.sbatch with stand-ins for scontrol and srun: the torchrun line it runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "77", "SERVICE": "svc1:8080,svc2:8080",
+           "STEPVIDEO_ROOT": str(ROOT)}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "two_nodes.sbatch"), "--prompt", "a fox"],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.split("\n")
+    line = " ".join(args)
+    assert "--nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint gpu-a:29500" in line
+    assert "--rdzv_id 77 run_parallel.py" in line
+    assert "--vae_url svc1:8080,svc2:8080 --caption_url svc1:8080,svc2:8080" in line
+    assert line.rstrip().endswith("--ulysses_degree 8 --cfg_parallel --prompt a fox")
+    assert ParallelConfig(ulysses_degree=8, cfg_degree=2).node_layout_note(8, 16) is None
