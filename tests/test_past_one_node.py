@@ -42,37 +42,45 @@ def cli_args(model_dir: str, url: str, save: Path, degrees: list[str]) -> list[s
             "--save_path", str(save), "--no_denoise_filter", *SIZE, *degrees]
 
 
-def one_node(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
+def launch(torchrun_args: list[str], args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun_args, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def two_nodes(args: list[str]) -> list[subprocess.CompletedProcess]:
+def one_node(args: list[str]) -> subprocess.Popen:
+    return launch(["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                   str(free_port())], args)
+
+
+def two_nodes(args: list[str]) -> list[subprocess.Popen]:
     """Both "nodes" started at once, as a cluster would: a c10d rendezvous on 127.0.0.1."""
     endpoint, run_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:8]
-    procs = []
-    for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-               "--nproc_per_node", "1", "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", endpoint, "--rdzv_id", run_id, "--local_addr", "127.0.0.1",
-               *args]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=ENV))
+    return [launch(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node_rank),
+                    "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", run_id,
+                    "--local_addr", "127.0.0.1"], args) for node_rank in (0, 1)]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
     out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=240)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=300)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
     return out
 
 
 @pytest.mark.parametrize("degrees", [["--ulysses_degree", "2"], ["--cfg_parallel"]],
                          ids=["ulysses2", "cfg2"])
 def test_two_nodes_make_the_same_video(degrees, tiny_model_dir, service, tmp_path):
-    ref = one_node(cli_args(tiny_model_dir, service, tmp_path / "one", degrees))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    runs = two_nodes(cli_args(tiny_model_dir, service, tmp_path / "two", degrees))
-    for r in runs:
+    # the reference launch and the two "nodes" run side by side
+    ref, *runs = finish([one_node(cli_args(tiny_model_dir, service, tmp_path / "one", degrees)),
+                         *two_nodes(cli_args(tiny_model_dir, service, tmp_path / "two", degrees))])
+    for r in (ref, *runs):
         assert r.returncode == 0, r.stderr[-3000:]
     wrote = [r for r in runs if "wrote " in r.stdout]
     assert len(wrote) == 1, "exactly one process (global rank 0) writes"
