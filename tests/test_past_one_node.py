@@ -1,6 +1,6 @@
 """Past one node, with real processes on 127.0.0.1: two ``torchrun --nnodes 2 --nproc_per_node 1``
-launches meeting at a c10d rendezvous make the same video as one ``--nproc_per_node 2`` launch
-(Ulysses 2, CFG 2); the rule that keeps Ulysses groups inside a node; service replicas with one
+launches meeting at a c10d rendezvous (their service list led by a replica that is down) make the
+same video as one ``--nproc_per_node 2`` launch (Ulysses 2, CFG 2); the rule that keeps Ulysses groups inside a node; service replicas with one
 down and one answering 503; a prompt suite run as two shards (one killed and rerun) into one save
 path, merged by benchmark/report.py."""
 
@@ -77,9 +77,12 @@ def finish(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
 @pytest.mark.parametrize("degrees", [["--ulysses_degree", "2"], ["--cfg_parallel"]],
                          ids=["ulysses2", "cfg2"])
 def test_two_nodes_make_the_same_video(degrees, tiny_model_dir, service, tmp_path):
-    # the reference launch and the two "nodes" run side by side
+    # the reference launch and the two "nodes" run side by side; the nodes' service list starts
+    # with a replica that is down, so rank 0's calls fail over to the live one
+    replicas_url = f"127.0.0.1:{free_port()},{service}"
     ref, *runs = finish([one_node(cli_args(tiny_model_dir, service, tmp_path / "one", degrees)),
-                         *two_nodes(cli_args(tiny_model_dir, service, tmp_path / "two", degrees))])
+                         *two_nodes(cli_args(tiny_model_dir, replicas_url, tmp_path / "two",
+                                             degrees))])
     for r in (ref, *runs):
         assert r.returncode == 0, r.stderr[-3000:]
     wrote = [r for r in runs if "wrote " in r.stdout]
@@ -191,6 +194,9 @@ def test_replicas_all_down_names_every_replica(busy_replica):
     for url in [*down, busy_replica]:
         assert f"http://{url}:" in str(e.value) or f"http://{url}" in str(e.value)
     assert "HTTP 503: models are loading" in str(e.value) and "unreachable" in str(e.value)
+    with pytest.raises(ServiceError, match="no replica answers") as e:  # the runner's check
+        replicas.vae(",".join(down)).health()
+    assert all(f"http://{url}" in str(e.value) for url in down)
     assert isinstance(replicas.vae(down[0]), RemoteVAE)  # one address: the plain client
     with pytest.raises(ValueError, match="no empty entry"):
         replicas.vae(f"{down[0]},,")

@@ -104,7 +104,8 @@ class Replicated:
 
     def health(self, retry: bool = False) -> dict[str, Any]:
         """``ready`` when any replica is; ``replicas`` maps each address to its /health (or
-        error)."""
+        error). ServiceError naming each replica when none answers at all (as the plain client
+        raises for its one address)."""
         replicas: dict[str, Any] = {}
         for c in self.clients:
             try:
@@ -113,6 +114,9 @@ class Replicated:
             except ServiceError as e:
                 replicas[c.base_url] = {"status": "unreachable", "error": str(e)}
         states = [h.get("status") for h in replicas.values()]
+        if all(st == "unreachable" for st in states):
+            raise ServiceError(self.service, self.url, "no replica answers: " + "; ".join(
+                f"{u}: {h['error']}" for u, h in replicas.items()))
         status = next((s for s in ("ready", "loading", "failed") if s in states), "unreachable")
         return {"status": status, "replicas": replicas}
 
@@ -120,15 +124,18 @@ class Replicated:
         """Until at least one replica is ready; ServiceError naming every replica otherwise."""
         deadline = time.monotonic() + timeout
         while True:
-            health = self.health()
+            try:
+                health = self.health()
+            except ServiceError as e:  # none reachable yet: they may be starting
+                health = {"status": "unreachable", "replicas": {}, "error": e.server_message}
             if health["status"] == "ready":
                 return health
-            if time.monotonic() >= deadline or all(
-                    h.get("status") == "failed" for h in health["replicas"].values()):
-                raise ServiceError(self.service, self.url, "no replica ready after "
-                                   f"{timeout} s: " + "; ".join(
+            states = [h.get("status") for h in health["replicas"].values()]
+            if time.monotonic() >= deadline or (states and all(st == "failed" for st in states)):
+                raise ServiceError(self.service, self.url, f"no replica ready after {timeout} s: "
+                                   + (health.get("error") or "; ".join(
                                        f"{u}: {h.get('error') or h.get('status')}"
-                                       for u, h in health["replicas"].items()))
+                                       for u, h in health["replicas"].items())))
             time.sleep(poll)
 
 
