@@ -2,7 +2,8 @@
 
 1. the kit's small DiT on CUDA (fp32 with TF32 off, and bf16) against the kit's output;
 2. the attention seam: CUDA SDPA (and flash-attn when installed) against CPU fp32, with a mask;
-3. the xfuser/yunchang sequence-parallel plan at world size 1 (NCCL) against the local plan;
+3. --parallel_backend xfuser (xfuser 0.4.5's environment and xFuserLongContextAttention) against
+   the torch backend at world size 1 (NCCL), on the tiny DiT and one full-width block, per kernel;
 4. the full-size VAE decoding one chunk (1,3,64,34,62) in bf16: time and peak memory;
 5. the tiny model's whole pipeline in-process on CUDA (bf16) against the same seed on the CPU (fp32);
 6. the real service on CUDA: round trips equal the in-process classes; the pipeline through it.
@@ -100,37 +101,75 @@ def attention_seam():
 
 
 @guarded
-def xfuser_plan():
+def xfuser_vs_torch():
+    """--parallel_backend xfuser against the torch backend on one GPU (world size 1, NCCL): xfuser's
+    real environment (init_distributed_environment + initialize_model_parallel) and its
+    xFuserLongContextAttention, per kernel, on the tiny DiT and on one full-width block (48 x 128
+    heads, 6144 wide). One GPU cannot run NCCL ranks side by side, so the all-to-all and ring are
+    of size 1 here; their multi-rank numerics are the torch backend's gloo tests' territory."""
+    import importlib.util
+    import tempfile
+
     import torch.distributed as dist
 
-    from stepvideo.parallel.config import ParallelConfig
-    from stepvideo.parallel.plan import LocalPlan
-    from stepvideo.parallel.torch_backend import Groups
-    from stepvideo.parallel.xfuser_backend import ATTN_TYPES, XFuserPlan
+    from stepvideo.modules.model import DiTConfig, StepVideoModel
+    from stepvideo.parallel import LaunchEnv, ParallelConfig
+    from stepvideo.parallel.torch_backend import Groups, UlyssesPlan
+    from stepvideo.parallel.xfuser_backend import (ATTN_TYPES, XFuserPlan, check_xfuser,
+                                                   installed_versions)
+    from stepvideo.tiny import write_tiny_model
 
+    report("xfuser_versions", **installed_versions())
+    config, env = ParallelConfig(), LaunchEnv()
+    check_xfuser(config, "cuda")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29631")
     if not dist.is_initialized():
         dist.init_process_group("nccl", rank=0, world_size=1)
-    groups = Groups(ParallelConfig(), 0)
-    m, io, _ = kit_model("cuda", torch.bfloat16)
-    m.plan = LocalPlan()
-    ref = run_kit(m, io, "cuda", torch.bfloat16)
-    import importlib.util
-
-    for attn_type in ATTN_TYPES:
-        if attn_type == "fa" and importlib.util.find_spec("flash_attn") is None:
-            report("xfuser_plan", attn_type=attn_type, skipped="flash-attn not installed")
-            continue
-        try:
-            m.plan = XFuserPlan(groups, attn_type)
-            out = run_kit(m, io, "cuda", torch.bfloat16)
+    groups = Groups(config, 0)
+    dtype = torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = StepVideoModel.from_pretrained(write_tiny_model(tmp) + "/transformer", dtype, "cuda")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        wide = StepVideoModel(config=DiTConfig(num_layers=1)).to(dtype)
+    wide = wide.to_empty(device="cuda")
+    with torch.no_grad():
+        for name, p in wide.named_parameters():
+            p.fill_(1.0) if "norm" in name and name.endswith("weight") else p.normal_(0, 0.02)
+    for name, model, grid in (("tiny", tiny.eval(), (3, 8, 8)), ("full_width_block", wide.eval(),
+                                                                  (4, 16, 16))):
+        inputs = _dit_inputs(model.config, grid, dtype)
+        model.plan = UlyssesPlan(groups)
+        with torch.inference_mode():
+            ref = model(**inputs, return_dict=False).float()
+        for attn_type in ATTN_TYPES:
+            if attn_type == "fa" and importlib.util.find_spec("flash_attn") is None:
+                report("xfuser_vs_torch", model=name, attn_type=attn_type,
+                       skipped="flash-attn not installed")
+                continue
+            model.plan = XFuserPlan(groups, env, attn_type)
+            with torch.inference_mode():
+                out = model(**inputs, return_dict=False).float()
             err = (out - ref).abs().max().item()
-            report("xfuser_plan", attn_type=attn_type, max_abs_err_vs_local_bf16=err,
-                   max_abs_err_vs_kit=(out - io["output"]).abs().max().item(), ok=err <= BF16_LIMIT)
-        except Exception as e:
-            report("xfuser_plan", attn_type=attn_type, error=f"{type(e).__name__}: {e}",
-                   trace=traceback.format_exc()[-1200:])
+            report("xfuser_vs_torch", model=name, attn_type=attn_type, tokens=grid[0] * grid[1] * grid[2],
+                   max_abs_err=err, ref_max=ref.abs().max().item(), ok=err <= BF16_LIMIT)
+
+
+def _dit_inputs(cfg, grid, dtype, batch: int = 2, text_len: int = 24, clip_len: int = 8,
+                device: str = "cuda") -> dict:
+    """Seeded DiT inputs at batch 2; the second sample's text is 5 tokens shorter (masked)."""
+    g = torch.Generator().manual_seed(1)
+    f, h, w = grid
+    p, (llm, clip) = cfg.patch_size, cfg.caption_channels
+    mask = torch.ones(batch, text_len)
+    mask[1, text_len - 5:] = 0
+    t = {"hidden_states": torch.randn(batch, f, cfg.in_channels, h * p, w * p, generator=g),
+         "timestep": torch.rand(batch, generator=g),
+         "encoder_hidden_states": torch.randn(batch, text_len - clip_len, llm, generator=g),
+         "encoder_hidden_states_2": torch.randn(batch, clip_len, clip, generator=g)}
+    t = {k: v.to(device, dtype) if k != "timestep" else v.to(device) for k, v in t.items()}
+    return {**t, "encoder_attention_mask": mask.to(device)}
 
 
 @guarded
@@ -244,7 +283,7 @@ def main():
     report("env", torch=torch.__version__, device=torch.cuda.get_device_name(0),
            cuda=torch.version.cuda)
     skip = set(filter(None, a.skip.split(",")))
-    for check in (dit_kit, attention_seam, xfuser_plan, vae_chunk, tiny_pipeline_cuda, service_cuda):
+    for check in (dit_kit, attention_seam, xfuser_vs_torch, vae_chunk, tiny_pipeline_cuda, service_cuda):
         if check.__name__ not in skip:
             check()
     with open(a.json, "w") as f:

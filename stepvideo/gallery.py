@@ -1,6 +1,7 @@
 """A static HTML gallery of a benchmark run (``python benchmark/report.py SAVE_PATH`` rebuilds it).
 
-One card per video (the latest ``ok`` manifest record of each prompt whose mp4 is still there):
+One card per video (the latest ``ok`` manifest record, over ``manifest.jsonl`` and the parts of
+sharded runs, of each prompt whose mp4 is still there):
 the video, its contact sheet, the prompt, category, seed, settings and per-stage times. A row of
 category buttons filters the cards (plain JavaScript, no network resources); failed prompts are
 listed below the cards. The page uses relative links, so the folder can be moved or served as is.
@@ -16,7 +17,7 @@ import os
 from pathlib import Path
 
 from .fileio import write_bytes_atomic
-from .suite import ManifestRecord, latest_by_index, read_manifest, slug
+from .suite import ManifestRecord, latest_by_index, manifest_files, read_manifest, slug
 
 INDEX = "index.html"
 SETTING_KEYS = ("infer_steps", "cfg_scale", "time_shift", "preset", "device", "dtype")
@@ -152,7 +153,7 @@ def render(save_path: Path) -> str:
 def write_gallery(save_path: str | os.PathLike) -> str:
     """Write ``SAVE_PATH/index.html`` (atomically) and return its path."""
     save_path = Path(save_path)
-    if not (save_path / "manifest.jsonl").is_file():
-        raise FileNotFoundError(f"{save_path} has no manifest.jsonl; run "
+    if not manifest_files(save_path):
+        raise FileNotFoundError(f"{save_path} has no manifest.jsonl (or shard parts); run "
                                 "benchmark/run_benchmark.py with --save_path there first")
     return str(write_bytes_atomic(save_path / INDEX, render(save_path).encode("utf-8")))

@@ -99,11 +99,13 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--transformer_dir", default=None,
                    help="a different transformer/ (e.g. Turbo) used with --model_dir's scheduler")
     g.add_argument("--vae_url", default="127.0.0.1",
-                   help=f"VAE service: host, host:port or URL; {LOCAL!r} runs the VAE in this job "
-                        "(rank 0), no service")
+                   help=f"VAE service: host, host:port or URL; a comma-separated list spreads the "
+                        f"calls over replicas and fails over when one is down; {LOCAL!r} runs the "
+                        "VAE in this job (rank 0), no service")
     g.add_argument("--caption_url", default="127.0.0.1",
-                   help=f"caption service: host, host:port or URL; {LOCAL!r} runs Step-1 + CLIP in "
-                        "this job (rank 0), no service")
+                   help=f"caption service: host, host:port or URL; a comma-separated list for "
+                        f"replicas, as --vae_url; {LOCAL!r} runs Step-1 + CLIP in this job (rank 0), "
+                        "no service")
     g.add_argument("--encoder_device", default="auto",
                    help="device of the in-process (local) encoders/VAE; auto = rank 0's DiT device")
     g.add_argument("--encoder_dtype", default="auto", choices=DTYPE_CHOICES,
@@ -116,7 +118,8 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--cfg_parallel", action="store_true",
                    help="run the positive and negative halves of CFG on two rank groups")
     g.add_argument("--parallel_backend", choices=["torch", "xfuser"], default="torch",
-                   help="torch: torch.distributed (NCCL/gloo); xfuser: yunchang/xDiT kernels on GPUs")
+                   help="torch: torch.distributed (NCCL/gloo); xfuser: xfuser's environment and "
+                        "xFuserLongContextAttention, CUDA only (pip install 'stepvideo[xfuser]')")
     g.add_argument("--attn_backend", choices=["auto", "sdpa", "flash"], default="auto",
                    help="single-device attention kernel")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
@@ -299,14 +302,17 @@ def check_writable(directory: str) -> None:
 
 
 def check_services(req: GenerationRequest, wait_s: float = 900.0) -> None:
-    """Both services answer /health; one still loading its models is waited for."""
-    from .service.client import RemoteTextEncoder, RemoteVAE, ServiceError
+    """Both services answer /health (with replicas: at least one of each); one still loading its
+    models is waited for."""
+    from .service import replicas
+    from .service.client import ServiceError
 
-    clients = [(flag, make(url)) for flag, url, make in (
-        ("caption_url", req.caption_url, RemoteTextEncoder), ("vae_url", req.vae_url, RemoteVAE))
-        if url != LOCAL]
-    for flag, client in clients:
+    for flag, make, url in (("caption_url", replicas.text_encoder, req.caption_url),
+                            ("vae_url", replicas.vae, req.vae_url)):
+        if url == LOCAL:
+            continue
         try:
+            client = make(url)
             if client.health().get("status") != "ready":
                 client.wait_ready(timeout=wait_s)
         except (ServiceError, ValueError) as e:
@@ -350,7 +356,7 @@ class VideoGenerator:
                 from .text_encoder.local import prompt_length_notes
 
                 notes += prompt_length_notes(req.model_dir, req.prompt + req.pos_magic)
-            for note in notes:
+            for note in [*notes, *self.ctx.notes]:
                 print(f"note: {note}", file=sys.stderr)
         self._rank0_checks(req)
         t0 = time.perf_counter()
@@ -362,7 +368,7 @@ class VideoGenerator:
 
     def _attach_backends(self, req: GenerationRequest) -> None:
         """Rank 0's text encoder and VAE: the service's clients, or the models in this process."""
-        from .service.client import RemoteTextEncoder, RemoteVAE
+        from .service import replicas
 
         device = self.device if req.encoder_device == "auto" else resolve_device(req.encoder_device)
         dtype = resolve_dtype(req.encoder_dtype, device)
@@ -374,13 +380,13 @@ class VideoGenerator:
             self.pipe.text_encoder = LocalTextEncoder.from_dirs(
                 dirs["step_llm"], dirs["hunyuan_clip"], dtype, device, cache_size=64)
         else:
-            self.pipe.text_encoder = RemoteTextEncoder(req.caption_url)
+            self.pipe.text_encoder = replicas.text_encoder(req.caption_url)
         if req.vae_url == LOCAL:
             from .vae.local import LocalVAE
 
             self.pipe.vae = LocalVAE.from_dir(dirs["vae"], dtype, device)
         else:
-            self.pipe.vae = RemoteVAE(req.vae_url)
+            self.pipe.vae = replicas.vae(req.vae_url)
         if local_parts(req):
             self.load_times["load_local_models"] = time.perf_counter() - t0
 

@@ -24,6 +24,10 @@ Output layout under ``--save_path`` (one directory per prompt, so names never co
     0001-sports/<prompt-slug>-seed<seed>.mp4 / .json / .png
     manifest.jsonl    append-only, one JSON object per finished attempt
     summary.json      rewritten atomically at the end of each run
+
+A run split with ``--shard K/N`` (``stepvideo.shards``) appends to its own part,
+``manifest.shard-K-of-N.jsonl``, and writes ``summary.shard-K-of-N.json``; :func:`read_manifest`
+reads ``manifest.jsonl`` and then every part, so resuming, the summary and the gallery see all.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .fileio import is_temp_file, write_bytes_atomic
 
 UNCATEGORIZED = "uncategorized"
 MANIFEST = "manifest.jsonl"
+MANIFEST_PARTS = "manifest.shard-*-of-*.jsonl"    # written by sharded runs (stepvideo.shards)
 SUMMARY = "summary.json"
 
 EVAL_URL = ("https://raw.githubusercontent.com/stepfun-ai/Step-Video-T2V/main/benchmark/"
@@ -320,10 +325,12 @@ class ManifestRecord:
         return cls(**known)
 
 
-def append_manifest(save_path: str | os.PathLike, record: ManifestRecord) -> None:
-    """Append one JSON line and fsync. A line torn by a kill is ended first, so it stays one bad
-    line that :func:`read_manifest` skips instead of corrupting the new record."""
-    path = Path(save_path) / MANIFEST
+def append_manifest(save_path: str | os.PathLike, record: ManifestRecord,
+                    name: str = MANIFEST) -> None:
+    """Append one JSON line to ``name`` (a shard's own part, else ``manifest.jsonl``) and fsync.
+    A line torn by a kill is ended first, so it stays one bad line that :func:`read_manifest`
+    skips instead of corrupting the new record."""
+    path = Path(save_path) / name
     line = json.dumps(asdict(record), ensure_ascii=False) + "\n"
     with open(path, "a+b") as f:
         f.seek(0, os.SEEK_END)
@@ -336,18 +343,25 @@ def append_manifest(save_path: str | os.PathLike, record: ManifestRecord) -> Non
         os.fsync(f.fileno())
 
 
+def manifest_files(save_path: str | os.PathLike) -> list[Path]:
+    """``manifest.jsonl`` (if any), then the shards' parts in name order."""
+    save_path = Path(save_path)
+    main = [save_path / MANIFEST] if (save_path / MANIFEST).is_file() else []
+    return main + sorted(save_path.glob(MANIFEST_PARTS))
+
+
 def read_manifest(save_path: str | os.PathLike) -> list[ManifestRecord]:
-    """Every complete record in file order (torn or foreign lines are skipped)."""
-    path = Path(save_path) / MANIFEST
-    if not path.exists():
-        return []
+    """Every complete record of every manifest file, in file order (torn or foreign lines are
+    skipped). Shards select disjoint lines, so a line's records sit in one part; a line run
+    unsharded first and by a shard later has its part's record last."""
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            data = json.loads(line)
-            records.append(ManifestRecord.from_json(data))
-        except (json.JSONDecodeError, TypeError, AttributeError):
-            continue
+    for path in manifest_files(save_path):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                data = json.loads(line)
+                records.append(ManifestRecord.from_json(data))
+            except (json.JSONDecodeError, TypeError, AttributeError):
+                continue
     return records
 
 

@@ -14,6 +14,10 @@ Seeds: ``--seed_mode same`` (default) gives every prompt ``--seed``; ``--seed_mo
 the prompt on line N ``--seed + N - 1``. Either way a prompt's seed does not depend on which lines
 are selected, so reruns and partial runs reproduce the same videos.
 
+Shards: ``--shard K/N`` runs every N-th selected prompt from the K-th (``stepvideo.shards``), so N
+jobs on any nodes split one suite into one ``--save_path``; each appends to its own manifest part
+and the last to finish (or ``benchmark/report.py``) merges the parts into ``summary.json``.
+
 Failures: a service error for one prompt (text encoding or VAE decode), or a write error, is
 recorded in the manifest as ``failed`` with the reason, and the run goes on. Before each prompt,
 rank 0 encodes its text and tells the other ranks whether to go ahead (an integer broadcast, as is
@@ -38,6 +42,7 @@ from .parallel import LaunchEnv
 from .runner import (GenerationRequest, PreflightError, build_parser, output_stem,
                      request_from_namespace)
 from .service.client import ServiceError
+from .shards import Shard, selection_of, write_merged_summary
 from .suite import (MANIFEST, SUITES, SUMMARY, UNCATEGORIZED, ManifestRecord, PromptEntry,
                     SuiteError, SuiteFiles, append_manifest, categorize, check_outputs,
                     format_summary, latest_by_index, parse_line_range, read_categories,
@@ -69,6 +74,7 @@ class BenchmarkOptions:
     seed_mode: str = "same"
     gallery: bool = True
     server: str | None = None
+    shard: Shard | None = None
 
 
 def add_suite_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +101,10 @@ def add_suite_args(p: argparse.ArgumentParser) -> None:
                         "--serve) instead of loading a model: no torchrun and no --model_dir; "
                         "the sampling flags are sent with each job, the server's own flags "
                         "decide the rest")
+    g.add_argument("--shard", default=None, metavar="K/N",
+                   help="run the K-th of N disjoint parts of the selection (every N-th prompt "
+                        "from the K-th): N jobs, on any nodes, share one --save_path; "
+                        "benchmark/report.py merges their summaries")
 
 
 def build_benchmark_parser() -> argparse.ArgumentParser:
@@ -123,8 +133,12 @@ def parse_benchmark_args(argv: list[str] | None = None
         parser.error(f"--limit must be >= 1, got {a.limit}")
     if a.model_dir is None and a.server is None:
         parser.error("the following arguments are required: --model_dir (or --server URL)")
+    try:
+        shard = Shard.parse(a.shard) if a.shard else None
+    except SuiteError as e:
+        parser.error(str(e))
     opts = BenchmarkOptions(a.suite, a.prompts, a.categories, a.lines, a.limit, a.seed_mode,
-                            not a.no_gallery, a.server)
+                            not a.no_gallery, a.server, shard)
     a.model_dir = a.model_dir or ""
     try:
         return opts, request_from_namespace(a)
@@ -148,11 +162,22 @@ def suite_files(opts: BenchmarkOptions) -> SuiteFiles:
 
 
 def select_entries(opts: BenchmarkOptions) -> tuple[SuiteFiles, list[PromptEntry]]:
+    """The whole selection (``--lines``, ``--limit``), before any ``--shard``."""
     files = suite_files(opts)
     entries = categorize(read_prompts(files.prompts), files.categories,
                          files.categories_source or "categories")
     lines = parse_line_range(opts.lines) if opts.lines else None
     return files, select(entries, lines, opts.limit)
+
+
+def shard_entries(shard: Shard | None, entries: list[PromptEntry]) -> list[PromptEntry]:
+    if shard is None:
+        return entries
+    mine = shard.select(entries)
+    if not mine:
+        raise SuiteError(f"--shard {shard.index}/{shard.count} selects no prompt: the selection "
+                         f"has {len(entries)}; use N <= {len(entries)}")
+    return mine
 
 
 @dataclass(frozen=True)
@@ -221,8 +246,10 @@ def now_iso() -> str:
 class BenchmarkRun:
     """One invocation: the plan (rank 0), then every remaining prompt on every rank."""
 
-    def __init__(self, gen, base: GenerationRequest, run_id: str, log: Callable[[str], None]):
-        self.gen, self.base, self.run_id, self.log = gen, base, run_id, log
+    def __init__(self, gen, base: GenerationRequest, run_id: str, log: Callable[[str], None],
+                 shard: Shard | None = None):
+        self.gen, self.base, self.run_id, self.log, self.shard = gen, base, run_id, log, shard
+        self.manifest = shard.manifest if shard else MANIFEST
         self.is_main = gen.ctx.is_main if gen else True
         self.counts = {"generated": 0, "skipped": 0, "failed": 0}
 
@@ -273,7 +300,7 @@ class BenchmarkRun:
                                 reason, outputs or {}, {k: round(v, 4) for k, v in
                                                         (times or {}).items()},
                                 r.infer_steps, resumed, self.run_id, now_iso())
-        append_manifest(self.base.save_path, record)
+        append_manifest(self.base.save_path, record, self.manifest)
         return record
 
     # -- every rank ----------------------------------------------------------------------------
@@ -337,7 +364,7 @@ def describe_selection(files: SuiteFiles, entries: list[PromptEntry]) -> str:
 
 def run_summary(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry],
                 started: float, started_at: str) -> dict:
-    info = {"run_id": run.run_id, "started_at": started_at, "finished_at": now_iso(),
+    info = {"run_id": run.run_id, "shard": run.shard.tag if run.shard else None, "started_at": started_at, "finished_at": now_iso(),
             "wall_s": round(time.perf_counter() - started, 3), "selected": len(entries),
             **run.counts, "load_transformer_s": round(run.load_seconds, 3),
             "world_size": run.world_size, "suite": files.name,
@@ -358,15 +385,19 @@ def main(argv: list[str] | None = None,
     rank = env.rank
     started, started_at = time.perf_counter(), now_iso()
     try:
-        files, entries = select_entries(opts)  # every rank reads the suite; rank 0 plans
+        files, selection = select_entries(opts)  # every rank reads the suite; rank 0 plans
+        entries = shard_entries(opts.shard, selection)
         if rank == 0:
-            log(describe_selection(files, entries))
+            log(describe_selection(files, entries)
+                + (f", shard {opts.shard.index}/{opts.shard.count} of {len(selection)}"
+                   if opts.shard else ""))
         gen = VideoGenerator(base, env)
     except (PreflightError, SuiteError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    run = BenchmarkRun(gen, base, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", log)
+    run = BenchmarkRun(gen, base, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", log,
+                       opts.shard)
     jobs = make_jobs(base, entries, opts.seed_mode)
     todo = None
     if run.is_main:
@@ -384,7 +415,7 @@ def main(argv: list[str] | None = None,
                   "are kept and a rerun resumes", file=sys.stderr)
         return 130
     if run.is_main:
-        finish(run, files, entries, started, started_at)
+        finish(run, files, entries, started, started_at, selection)
     gen.close()
     if run.is_main and opts.gallery and gallery is not None:
         log(f"gallery {gallery(base.save_path)}")
@@ -392,13 +423,24 @@ def main(argv: list[str] | None = None,
 
 
 def finish(run: BenchmarkRun, files: SuiteFiles, entries: list[PromptEntry], started: float,
-           started_at: str) -> None:
+           started_at: str, selection: list[PromptEntry]) -> None:
+    """The summary of this run's prompts; a shard writes its part (with the whole selection) and
+    then ``summary.json`` merged from every part so far."""
     summary = run_summary(run, files, entries, started, started_at)
-    path = write_json_atomic(os.path.join(run.base.save_path, SUMMARY), summary)
+    save = run.base.save_path
+    if run.shard:
+        summary["selection"] = selection_of(selection)
+    path = write_json_atomic(os.path.join(save, run.shard.summary if run.shard else SUMMARY),
+                             summary)
     print(format_summary(summary), flush=True)
     log(f"this run: {run.counts['generated']} generated, {run.counts['skipped']} already done, "
         f"{run.counts['failed']} failed in {summary['run']['wall_s']:.1f} s")
-    log(f"summary {path}; manifest {os.path.join(run.base.save_path, MANIFEST)}")
+    log(f"summary {path}; manifest {os.path.join(save, run.manifest)}")
+    if run.shard:
+        try:
+            log(f"merged summary of the shards so far: {write_merged_summary(save)}")
+        except SuiteError as e:
+            log(f"no merged summary: {e}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,8 +452,8 @@ class ServerRun(BenchmarkRun):
     layout, so manifest, resume, summary and gallery are the same as with a local model."""
 
     def __init__(self, client, info: dict, base: GenerationRequest, run_id: str,
-                 log: Callable[[str], None]):
-        super().__init__(None, base, run_id, log)
+                 log: Callable[[str], None], shard: Shard | None = None):
+        super().__init__(None, base, run_id, log, shard)
         self.client, self.info = client, info
 
     @property
@@ -457,13 +499,17 @@ def run_on_server(opts: BenchmarkOptions, base: GenerationRequest,
     started, started_at = time.perf_counter(), now_iso()
     client = GenerationClient(opts.server)
     try:
-        files, entries = select_entries(opts)
-        log(describe_selection(files, entries))
+        files, selection = select_entries(opts)
+        entries = shard_entries(opts.shard, selection)
+        log(describe_selection(files, entries)
+            + (f", shard {opts.shard.index}/{opts.shard.count} of {len(selection)}"
+               if opts.shard else ""))
         info = client.info()
     except (SuiteError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = ServerRun(client, info, base, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", log)
+    run = ServerRun(client, info, base, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", log,
+                    opts.shard)
     todo = run.plan(make_jobs(base, entries, opts.seed_mode, SERVER_CHECKED_SETTINGS))
     log(f"{len(entries) - len(todo)} already done, {len(todo)} to run on {client.url}; results "
         f"go to {os.path.abspath(base.save_path)}")
@@ -474,7 +520,7 @@ def run_on_server(opts: BenchmarkOptions, base: GenerationRequest,
         print(f"\ninterrupted after {run.counts['generated']} new video(s); jobs already "
               "submitted keep running on the server", file=sys.stderr)
         return 130
-    finish(run, files, entries, started, started_at)
+    finish(run, files, entries, started, started_at, selection)
     if opts.gallery and gallery is not None:
         log(f"gallery {gallery(base.save_path)}")
     return 0

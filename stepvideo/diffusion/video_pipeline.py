@@ -206,11 +206,12 @@ class StepVideoPipeline:
 
     def setup_api(self, vae_url: str, caption_url: str, token: str | None = None) -> "StepVideoPipeline":
         """Use the caption/VAE service for text encoding and decoding (the release's call form).
+        Either URL may be a comma-separated list of replicas (``stepvideo.service.replicas``).
         The one place the diffusion layer reaches up to the service client, at call time."""
-        from ..service.client import RemoteTextEncoder, RemoteVAE
+        from ..service.replicas import text_encoder, vae
 
-        self.text_encoder = RemoteTextEncoder(caption_url, token=token)
-        self.vae = RemoteVAE(vae_url, token=token)
+        self.text_encoder = text_encoder(caption_url, token=token)
+        self.vae = vae(vae_url, token=token)
         return self
 
     @property

@@ -1,6 +1,8 @@
 """The parallel seam: process groups, the sequence-parallel plan, tensor-parallel linears and the
 CFG split, behind ``setup_parallel``. ``backend='torch'`` (torch.distributed; gloo on CPU, NCCL on
-GPUs) always works; ``backend='xfuser'`` uses xDiT's long-context attention on GPUs."""
+GPUs) always works; ``backend='xfuser'`` uses xfuser's (xDiT's) distributed environment and
+long-context attention on GPUs (``xfuser_backend``: CUDA and the pinned xfuser 0.4.5 + yunchang
+0.6.4, checked first)."""
 
 from __future__ import annotations
 
@@ -30,8 +32,13 @@ def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch
     config.validate(env.world_size, num_heads)
     if backend not in BACKENDS:
         raise ValueError(f"unknown parallel backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "xfuser":  # before any process group: CUDA, versions, degrees
+        from .xfuser_backend import check_xfuser
+
+        check_xfuser(config, device)
     if env.world_size == 1:
         return ParallelContext(config, env)
+    note = config.node_layout_note(env.local_world_size, env.world_size)
     import torch.distributed as dist
 
     device = torch.device(device)
@@ -45,9 +52,10 @@ def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch
     elif backend == "xfuser":
         from .xfuser_backend import XFuserPlan
 
-        plan = XFuserPlan(groups)
+        plan = XFuserPlan(groups, env)
     else:
         plan = UlyssesPlan(groups)
     cfg = CfgParallel(groups) if config.cfg_degree == 2 else None
     return ParallelContext(config, env, groups, plan, cfg,
-                           lambda model: apply_tensor_parallel(model, groups))
+                           lambda model: apply_tensor_parallel(model, groups),
+                           [note] if note else [])

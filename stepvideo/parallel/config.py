@@ -47,6 +47,31 @@ class ParallelConfig:
                 f"{num_heads} heads are not divisible by ulysses degree {self.ulysses_degree} x "
                 f"tensor parallel degree {self.tensor_parallel_degree} = {split}; use a product in {fits}")
 
+    def node_layout_note(self, local_world_size: int, world_size: int) -> str | None:
+        """Why this layout sends the Ulysses all-to-all between nodes, or None when it does not.
+
+        Ulysses is innermost, so its groups are runs of ``ulysses_degree`` consecutive ranks, and
+        torchrun gives each node a run of ``local_world_size`` consecutive ranks: every Ulysses
+        group stays in one node exactly when ``ulysses_degree`` divides ``local_world_size``.
+        Ring, tensor-parallel and CFG groups may span nodes (a ring passes K/V blocks to one
+        neighbour; CFG exchanges one velocity per step). Tensor parallelism all-reduces every
+        block, so it should stay inside a node too: the same rule for ``ulysses x tp``."""
+        if local_world_size >= world_size:
+            return None
+        u, t = self.ulysses_degree, self.tensor_parallel_degree
+        if u > 1 and local_world_size % u:
+            fits = [d for d in range(2, local_world_size + 1) if local_world_size % d == 0]
+            return (f"ulysses degree {u} does not divide the {local_world_size} processes per "
+                    f"node, so Ulysses groups span nodes and their all-to-all crosses the "
+                    f"network; use a ulysses degree in {fits or [1]} and put the rest in "
+                    "--ring_degree or --cfg_parallel")
+        if t > 1 and local_world_size % (u * t):
+            return (f"ulysses {u} x tensor_parallel {t} = {u * t} does not divide the "
+                    f"{local_world_size} processes per node, so tensor-parallel groups span "
+                    "nodes and all-reduce over the network in every block; lower "
+                    "--tensor_parallel_degree or use --ring_degree / --cfg_parallel across nodes")
+        return None
+
     def coords(self, rank: int) -> dict[str, int]:
         u, r, t = self.ulysses_degree, self.ring_degree, self.tensor_parallel_degree
         return {"ulysses": rank % u, "ring": rank // u % r, "tp": rank // (u * r) % t,

@@ -17,17 +17,27 @@ from .config import ParallelConfig
 
 @dataclass(frozen=True)
 class LaunchEnv:
-    """Where torchrun put this process (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``); read once."""
+    """Where torchrun put this process (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``LOCAL_WORLD_SIZE``); read once. ``rank`` is global (rank 0 talks to the services and
+    writes), ``local_rank`` picks the GPU on this node. torchrun numbers the ranks of one node
+    consecutively, so ``local_world_size`` (the processes per node) decides which process groups
+    stay inside a node. Without ``LOCAL_WORLD_SIZE`` (not torchrun) one node is assumed."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1
 
     @classmethod
     def from_environ(cls) -> "LaunchEnv":
         env = os.environ
-        return cls(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")),
-                   int(env.get("WORLD_SIZE", "1")))
+        world = int(env.get("WORLD_SIZE", "1"))
+        return cls(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), world,
+                   int(env.get("LOCAL_WORLD_SIZE", str(world))))
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
 
 
 class CfgSplit:
@@ -59,6 +69,7 @@ class ParallelContext:
     plan: SequencePlan = field(default_factory=LocalPlan)
     cfg: CfgSplit | None = None  # None: both CFG halves on this rank
     shard_linears: Callable[[torch.nn.Module], None] | None = None  # tensor parallelism
+    notes: list[str] = field(default_factory=list)  # layout advice, printed once by rank 0
 
     @property
     def rank(self) -> int:
