@@ -150,7 +150,7 @@ def random_pipeline(args, device: torch.device, dtype: torch.dtype) -> StepVideo
     cfg = DiTConfig(num_layers=args.layers or DiTConfig.num_layers,
                     num_attention_heads=args.heads or DiTConfig.num_attention_heads)
     with torch.device("meta"):
-        model = StepVideoModel(config=cfg).to(dtype)
+        model = StepVideoModel.from_config(cfg).to(dtype)
     model = model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
