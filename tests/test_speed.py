@@ -239,3 +239,66 @@ def test_runner_flag_refuses_fp8_on_cpu_before_loading(tiny_model_dir, tmp_path)
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "--quantize fp8 needs a CUDA GPU" in lines[0]
+
+
+# --- the prepared GPU script, at toy size on the CPU ---------------------------------------------
+
+def _gpu_speed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "benchmark" / "gpu_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_speed_script_runs_every_stage_at_toy_size(tmp_path, capsys):
+    gs = _gpu_speed()
+    out = tmp_path / "speed.json"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{gs.README_BEGIN}\nold\n{gs.README_END}\ntail\n")
+    assert gs.main(["--tiny", "--repeats", "1", "--err-steps", "2", "--json", str(out),
+                    "--readme", str(readme)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["stages"]) == ["attention", "block", "step", "error", "profile"]
+    attn_rows = {r["backend"]: r for r in report["stages"]["attention"]["rows"]}
+    assert set(attn_rows) == set(A.BACKENDS)
+    assert attn_rows["flex"]["status"] == "ok" and attn_rows["flex"]["max_abs_err_vs_sdpa"] < 1e-5
+    assert [p["case"] for p in attn_rows["flex"]["parity"]] == ["no mask", "text mask", "fewer keys"]
+    assert attn_rows["sage"]["status"].startswith("not run: attention backend 'sage' needs")
+    block = {r["mode"]: r for r in report["stages"]["block"]["rows"]}
+    assert block["exact eager"]["cosine_vs_exact"] == pytest.approx(1.0)
+    assert block["fp8 linears"]["status"].startswith("not run: --quantize fp8 needs a CUDA GPU")
+    assert 0.999 < block["fp8_weight storage"]["cosine_vs_exact"] < 1.0
+    step = {r["mode"]: r for r in report["stages"]["step"]["rows"]}
+    assert step["exact compiled"]["status"] == "ok" and step["exact compiled"]["s"] > 0
+    err = {r["mode"]: r for r in report["stages"]["error"]["rows"]}
+    assert len(err["fp8_weight storage"]["per_layer_cosine"]) == 2
+    prof = report["stages"]["profile"]["block, exact eager"]
+    assert abs(sum(prof["by_category"].values()) - 1) < 1e-6 and prof["top"]
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{gs.README_END}\ntail\n")
+    assert "| flex | yes |" in text and "| fp8_weight storage |" in text
+    # a saved report with a missed target renders and exits 1
+    report["checks"].append({"check": "exact whole step >= 70% of bf16 peak", "ok": False})
+    out.write_text(json.dumps(report))
+    assert gs.main(["--render", str(out)]) == 1
+    assert "exact whole step >= 70% of bf16 peak: NOT met" in capsys.readouterr().out
+
+
+def test_profile_categories():
+    gs = _gpu_speed()
+    assert gs.categorize("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert gs.categorize("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert gs.categorize("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT") == "gemm"
+    assert gs.categorize("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "gemm"
+    assert gs.categorize("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>") \
+        == "copy / cast / layout"
+    assert gs.categorize("void at::native::CatArrayBatchedCopy<...>") == "copy / cast / layout"
+    # a compiled RMSNorm is a fusion, not a copy, though its name says _to_copy
+    assert gs.categorize("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0").startswith("compiled")
+    assert gs.categorize("cudnn::engine_runtime_conv_fprop") == \
+        "norm / rope / modulate / other elementwise"  # cuDNN convolution is not attention
+    assert gs.categorize("void at::native::vectorized_layer_norm_kernel<>") == \
+        "norm / rope / modulate / other elementwise"

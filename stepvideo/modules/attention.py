@@ -19,6 +19,7 @@ Backends (``BACKENDS``; each is checked against ``sdpa`` with and without ``kv_l
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import sys
@@ -85,7 +86,35 @@ def _flash(q, k, v, kv_lens):
     return out.reshape(b, sq, h, d)
 
 
-@torch.compiler.disable  # a CuTe-DSL launch: not traceable, called as is
+def _eager(fn):
+    """``fn`` run outside any torch.compile graph (a graph break there), as
+    ``torch.compiler.disable`` does; the disabled function is made at the first call or by
+    ``prepare_compile``, since importing torch._dynamo at import time costs every process seconds."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return _disabled(fn)(*args, **kwargs)
+
+    _EAGER.append(fn)
+    return call
+
+
+_EAGER: list[Callable] = []
+_DISABLED: dict[Callable, Callable] = {}
+
+
+def _disabled(fn: Callable) -> Callable:
+    if fn not in _DISABLED:
+        _DISABLED[fn] = torch.compiler.disable(fn)
+    return _DISABLED[fn]
+
+
+def prepare_compile() -> None:
+    """Make the eager-only wrappers before torch.compile traces a caller (``compile_blocks``)."""
+    for fn in _EAGER:
+        _disabled(fn)
+
+
+@_eager  # a CuTe-DSL launch: not traceable, called as is
 def _fa4(q, k, v, kv_lens):
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
@@ -123,7 +152,7 @@ def _flex(q, k, v, kv_lens):
     return out.transpose(1, 2)
 
 
-@torch.compiler.disable  # Triton launches from Python: called as is inside a compiled block
+@_eager  # Triton launches from Python: called as is inside a compiled block
 def _sage_dense(q, k, v, kv_lens):
     from sageattention import sageattn
 
@@ -283,7 +312,7 @@ def time_backend(name: str, q, k, v, kv_lens, ref: torch.Tensor | None = None,
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
-@torch.compiler.disable
+@_eager
 def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_lens: torch.Tensor | None, timer: Callable = time_backend) -> str:
     """The backend ``auto`` runs for these inputs: cached per signature; on a miss every candidate
