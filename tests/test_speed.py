@@ -261,7 +261,7 @@ def test_gpu_speed_script_runs_every_stage_at_toy_size(tmp_path, capsys):
     assert gs.main(["--tiny", "--repeats", "1", "--err-steps", "2", "--json", str(out),
                     "--readme", str(readme)]) == 0
     report = json.loads(out.read_text())
-    assert list(report["stages"]) == ["attention", "block", "step", "error", "profile"]
+    assert list(report["stages"]) == ["attention", "block", "error", "profile", "step"]
     attn_rows = {r["backend"]: r for r in report["stages"]["attention"]["rows"]}
     assert set(attn_rows) == set(A.BACKENDS)
     assert attn_rows["flex"]["status"] == "ok" and attn_rows["flex"]["max_abs_err_vs_sdpa"] < 1e-5

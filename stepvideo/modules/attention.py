@@ -13,8 +13,8 @@ Backends (``BACKENDS``; each is checked against ``sdpa`` with and without ``kv_l
 - ``flex``   FlexAttention (torch.compile'd on CUDA, eager on the CPU).
 - ``sage``   8-bit: SageAttention's Triton kernel (``pip install sageattention``): INT8 Q.K^T
              with per-block scales, fp16 P.V. Not exact: opt-in only, never picked by ``auto``.
-``auto`` on CUDA times every installed exact backend once per input signature at the real shapes
-(``choose_fastest``), caches the winner and prints it; on the CPU it is ``sdpa``.
+``auto`` on CUDA times the installed exact backends (all but ``flex``) once per input signature at
+the real shapes (``choose_fastest``), caches the winner and prints it; on the CPU it is ``sdpa``.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _flex(q, k, v, kv_lens):
 
     fn = flex_attention
     if q.is_cuda:  # eager flex is a reference implementation; the fused kernel needs compile
-        _flex_compiled = _flex_compiled or torch.compile(flex_attention, dynamic=False)
+        _flex_compiled = _flex_compiled or torch.compile(flex_attention, dynamic=True)
         fn = _flex_compiled
     block_mask = None
     if kv_lens is not None:
@@ -187,6 +187,7 @@ class Backend:
     package: str | None  # the distribution it needs
     install: str  # what to run when it is missing
     min_capability: tuple[int, int] = (0, 0)
+    auto: bool = True  # a candidate of ``auto`` (when exact, installed and given suitable inputs)
 
     def missing(self) -> str | None:
         """Why this backend cannot be used in this process, or None when it can."""
@@ -216,7 +217,10 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "flash-attn: `pip install flash-attn --no-build-isolation`"),
     Backend("fa4", _fa4, True, True, HALF, "flash-attn-4",
             "flash-attn 4: `pip install flash-attn-4` (sm90/sm100)", (9, 0)),
-    Backend("flex", _flex, True, False, None, None, "PyTorch >= 2.5 (FlexAttention)"),
+    # flex compiles a kernel per shape and mask (tens of seconds): too slow for auto's short
+    # one-time benchmark, and its dense kernel trails cuDNN/FA3-class kernels at head dim 128 in
+    # published figures; benchmark/gpu_speed.py measures it, choose it by name.
+    Backend("flex", _flex, True, False, None, None, "PyTorch >= 2.5 (FlexAttention)", auto=False),
     Backend("sage", _sage, False, True, HALF + (torch.float32,), "sageattention",
             "SageAttention: `pip install sageattention` (8-bit, Triton)", (8, 0)),
 )}
@@ -283,7 +287,7 @@ def auto_candidates(q: torch.Tensor) -> list[str]:
     if not q.is_cuda:
         return ["sdpa"]
     return [n for n, b in BACKENDS.items()
-            if b.exact and b.missing() is None and b.refuse_inputs(q) is None]
+            if b.exact and b.auto and b.missing() is None and b.refuse_inputs(q) is None]
 
 
 def _sync(t: torch.Tensor) -> None:
