@@ -22,6 +22,8 @@ On the H200 (no registry there: carry torchao and sageattention as wheels, see s
     python3 benchmark/gpu_speed.py --json $OUT/h200_speed.json
 Here, afterwards: the README table from the saved JSON (no GPU needed):
     python benchmark/gpu_speed.py --render benchmark/results/h200_speed.json --readme README.md
+Only what a first run skipped for time (a step without the block stage runs unconditionally):
+    python3 benchmark/gpu_speed.py --stages step --json $OUT/h200_step.json
 Logic smoke test at toy size on the CPU (fp32, no compile):
     python benchmark/gpu_speed.py --tiny --json /tmp/speed.json
 """
@@ -200,7 +202,8 @@ def attention_stage(run: Run) -> dict:
     with torch.inference_mode():
         chosen = attn.auto_choice(q, k, v, None)
     result["auto"] = {"choice": chosen, "timings": next(iter(attn.AUTO_TIMINGS.values()), None)}
-    timed = {r["backend"]: r["ms"] for r in rows if r.get("status") == "ok" and r["exact"]}
+    timed = {r["backend"]: r["ms"] for r in rows if r.get("status") == "ok" and r["exact"]
+             and attn.BACKENDS[r["backend"]].auto}
     if len(timed) > 1 and run.device.type == "cuda":  # on the CPU auto is sdpa by design
         best = min(timed.values())
         run.check("auto picks the fastest exact backend", timed.get(chosen, 1e30) <= 1.1 * best,
@@ -439,7 +442,7 @@ def step_stage(run: Run) -> dict:
         block_ms = blocks.get(mode.name, {}).get("ms")
         estimate = ((1 + run.a.step_repeats) * run.cfg.num_layers * (block_ms or 0) / 1e3
                     + (60 if mode.compile and run.compile else 10))
-        if block_ms is None or estimate > run.left():
+        if block_ms is not None and estimate > run.left():  # no block time: asked for, so run
             rows.append({"mode": mode.name, "projected_s": projected(run, block_ms),
                          "status": f"skipped: estimated {estimate:.0f} s, "
                                    f"{run.left():.0f} s of the budget left"})
@@ -513,11 +516,12 @@ def render_table(report: dict) -> str:
         lines.append(f"\n`auto` chose **{a['auto']['choice']}**.\n")
     err = {r["mode"]: r for r in st.get("error", {}).get("rows", [])}
     step = {r["mode"]: r for r in st.get("step", {}).get("rows", [])}
-    if "block" in st:
+    mode_rows = st.get("block", {}).get("rows") or st.get("step", {}).get("rows") or []
+    if mode_rows:
         lines += ["| mode | block ms | block TFLOP/s | % of peak | block peak GiB | block cosine | "
                   "whole step s | step % of peak | step peak GiB | final-latent cosine | status |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in st["block"]["rows"]:
+        for r in mode_rows:
             s, e = step.get(r["mode"], {}), err.get(r["mode"], {})
             lines.append(
                 f"| {r['mode']} | {_f(r.get('ms'), '.1f')} | {_f(r.get('tflops'), '.0f')} | "
@@ -527,6 +531,20 @@ def render_table(report: dict) -> str:
                 f"{_f(s.get('fraction_of_peak') and 100 * s['fraction_of_peak'], '.1f')} | "
                 f"{_f(s.get('peak_memory_gb'), '.1f')} | {_f(e.get('final_latent_cosine'), '.4f')} | "
                 f"{r['status']} |")
+    eight = step.get(EIGHT_BIT.name, {})
+    if eight.get("speedup_vs_exact"):
+        lines.append(f"\n8-bit whole step: {eight['speedup_vs_exact']:.2f}x the exact step; its output's "
+                     f"cosine to the exact step's {eight['output_cosine_vs_exact']:.4f}.")
+    if err:
+        e0 = st["error"]
+        lines += [f"\nError vs {e0['reference']} ({e0['layers']} full-width layers, grid "
+                  f"{e0['grid']}, {e0['steps']} Euler steps at CFG {e0['cfg_scale']}, random weights):\n",
+                  "| mode | min per-layer cosine (1st forward) | final-latent cosine | status |",
+                  "|---|---|---|---|"]
+        for r in err.values():
+            pl = r.get("per_layer_cosine")
+            lines.append(f"| {r['mode']} | {_f(min(pl) if pl else None, '.5f')} | "
+                         f"{_f(r.get('final_latent_cosine'), '.5f')} | {r['status']} |")
     lines += [f"\nNote: {n}" for n in report.get("notes", [])]
     checks = report["checks"]
     if checks:
