@@ -631,9 +631,10 @@ def main(argv=None) -> int:
                 run.check(f"stage {name} ran", False, error=f"{type(e).__name__}: {e}")
             report["stages"].get(name, {})["seconds"] = time.monotonic() - t0
             print(f"stage {name}: {time.monotonic() - t0:.1f} s, {run.left():.0f} s left", flush=True)
+            if a.json:  # after every stage: a run killed at its time limit keeps what it measured
+                Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.json).write_text(json.dumps(report, indent=1, default=str))
         if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(report, indent=1, default=str))
             print(f"wrote {a.json}")
     table = render_table(report)
     print("\n" + table)
