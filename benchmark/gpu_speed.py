@@ -197,6 +197,10 @@ def attention_stage(run: Run) -> dict:
             run.check(f"attention {row['backend']} matches sdpa", worst <= EXACT_ATTN_MAX_ABS,
                       max_abs_err=worst, limit=EXACT_ATTN_MAX_ABS)
     result = {"flops": count, "rows": rows}
+    attn.set_backend("sdpa")  # is PyTorch's own choice FlashAttention-2 or already cuDNN?
+    result["sdpa_dispatch"] = {"self": attn.kernel_name(q, k, v),
+                               "cross (masked)": attn.kernel_name(q, kt, vt, lens)}
+    print(f"sdpa dispatches to {result['sdpa_dispatch']}", flush=True)
     attn.set_backend("auto")
     attn.clear_auto_cache()
     with torch.inference_mode():
@@ -513,7 +517,8 @@ def render_table(report: dict) -> str:
                          f"{_f(r.get('fraction_of_peak') and 100 * r['fraction_of_peak'], '.1f')} | "
                          f"{_f(r.get('cross_ms'), '.2f')} | {_f(r.get('max_abs_err_vs_sdpa'), '.2g')} | "
                          f"{r['status']} |")
-        lines.append(f"\n`auto` chose **{a['auto']['choice']}**.\n")
+        lines.append(f"\n`auto` chose **{a['auto']['choice']}**; plain `sdpa` dispatches to "
+                     f"{a.get('sdpa_dispatch')}.\n")
     err = {r["mode"]: r for r in st.get("error", {}).get("rows", [])}
     step = {r["mode"]: r for r in st.get("step", {}).get("rows", [])}
     mode_rows = st.get("block", {}).get("rows") or st.get("step", {}).get("rows") or []
