@@ -26,6 +26,7 @@ RESULTS: list[dict] = []
 # bf16 limits: a few bf16 steps at |x| ~ 3.6 (the kit DiT's output scale); measured 0.027 on the CPU.
 BF16_LIMIT = 0.1
 ATTN_LIMITS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+SAGE_LIMIT = 0.1  # INT8 Q.K^T: a looser bound, for N(0,1) inputs (outputs of order 0.1)
 
 
 def report(name: str, **values) -> None:
@@ -82,22 +83,25 @@ def dit_kit():
 
 @guarded
 def attention_seam():
-    from stepvideo.modules.attention import BACKENDS, flash_available
+    """Every installed backend against CPU fp32 SDPA: no mask, the text mask, fewer keys than queries
+    (an uneven Ulysses split). The 8-bit ``sage`` backend is reported against a looser limit."""
+    from stepvideo.modules.attention import BACKENDS, available_backends
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 300, 4, 128, generator=g) for _ in range(3))
     lens = torch.tensor([300, 123])
-    ref = BACKENDS["sdpa"](q, k, v, lens)
-    names = ["sdpa"] + (["flash"] if flash_available() else [])
-    for name in names:
+    cases = {"none": (k, v, None), "text_mask": (k, v, lens), "uneven_keys": (k[:, :271], v[:, :271], None)}
+    for name in available_backends():
         for dtype in (torch.float32, torch.bfloat16) if name == "sdpa" else (torch.bfloat16,):
-            for kv in (None, lens):
-                out = BACKENDS[name](*(t.cuda().to(dtype) for t in (q, k, v)), None if kv is None else kv.cuda())
-                r = ref if kv is not None else BACKENDS["sdpa"](q, k, v, None)
-                err = (out.float().cpu() - r).abs().max().item()
-                report("attention_seam", backend=name, dtype=str(dtype), masked=kv is not None,
-                       max_abs_err=err, ok=err <= ATTN_LIMITS[dtype])
-    report("attention_seam_flash_attn", available=flash_available())
+            for case, (kk, vv, kv) in cases.items():
+                ref = BACKENDS["sdpa"].fn(q, kk, vv, kv)
+                out = BACKENDS[name].fn(*(t.cuda().to(dtype) for t in (q, kk, vv)),
+                                        None if kv is None else kv.cuda())
+                err = (out.float().cpu() - ref).abs().max().item()
+                limit = ATTN_LIMITS[dtype] if BACKENDS[name].exact else SAGE_LIMIT
+                report("attention_seam", backend=name, dtype=str(dtype), case=case,
+                       max_abs_err=err, limit=limit, ok=err <= limit)
+    report("attention_seam_backends", available=available_backends())
 
 
 @guarded
@@ -132,7 +136,7 @@ def xfuser_vs_torch():
         tiny = StepVideoModel.from_pretrained(write_tiny_model(tmp) + "/transformer", dtype, "cuda")
     torch.manual_seed(0)
     with torch.device("meta"):
-        wide = StepVideoModel(config=DiTConfig(num_layers=1)).to(dtype)
+        wide = StepVideoModel.from_config(DiTConfig(num_layers=1)).to(dtype)
     wide = wide.to_empty(device="cuda")
     with torch.no_grad():
         for name, p in wide.named_parameters():

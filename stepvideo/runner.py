@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
+from .quant import MODES as QUANT_MODES
 from .conditioning import TextEmbeddings
 from .devices import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
 from .diffusion.cache import MODES as CACHE_MODES, CacheConfig
@@ -28,6 +29,7 @@ from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, StepVideoPipeline,
                                        VideoSize)
 from .fileio import write_json_atomic
+from .modules.attention import NAMES as ATTN_BACKENDS
 from .parallel import LaunchEnv, ParallelConfig, setup_parallel
 from .weights import CheckpointError, read_json
 
@@ -72,6 +74,7 @@ class GenerationRequest:
     preset: str = "base"
     compile: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
+    quantize: str = "none"
 
     @property
     def size(self) -> VideoSize:
@@ -120,8 +123,12 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
     g.add_argument("--parallel_backend", choices=["torch", "xfuser"], default="torch",
                    help="torch: torch.distributed (NCCL/gloo); xfuser: xfuser's environment and "
                         "xFuserLongContextAttention, CUDA only (pip install 'stepvideo[xfuser]')")
-    g.add_argument("--attn_backend", choices=["auto", "sdpa", "flash"], default="auto",
-                   help="single-device attention kernel")
+    g.add_argument("--attn_backend", choices=list(ATTN_BACKENDS), default="auto",
+                   help="attention kernel: auto = the fastest exact one installed, timed once at the "
+                        "real shapes (CUDA; sdpa on the CPU); sage is 8-bit (not exact)")
+    g.add_argument("--quantize", choices=list(QUANT_MODES), default="none",
+                   help="DiT block linears: fp8 = dynamic float8 activations+weights, per-row scales "
+                        "(torchao, CUDA sm89+); fp8_weight = float8 weight storage, dequantised at use")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (about 30 s once; on an H200 a 30B step is 9%% "
@@ -220,7 +227,7 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
                                 2 if a.cfg_parallel else 1),
         parallel_backend=a.parallel_backend, attn_backend=a.attn_backend, device=a.device,
         dtype=a.dtype, denoise_filter=not a.no_denoise_filter, crop_540p=not a.no_crop,
-        preset=a.preset, compile=a.compile, cache=cache_from_namespace(a))
+        preset=a.preset, compile=a.compile, cache=cache_from_namespace(a), quantize=a.quantize)
 
 
 def cache_from_namespace(a: argparse.Namespace) -> CacheConfig:
@@ -336,6 +343,7 @@ class VideoGenerator:
 
     def __init__(self, req: GenerationRequest, env: LaunchEnv | None = None):
         from .modules.attention import probe_kernel, set_backend
+        from .quant import check_mode as check_quantize
 
         env = env or LaunchEnv.from_environ()
         self.cfg, notes = check_request(req)  # the same answer on every rank
@@ -343,6 +351,7 @@ class VideoGenerator:
             self.device = resolve_device(req.device, env.local_rank, env.world_size)
             self.dtype = resolve_dtype(req.dtype, self.device)
             set_backend(req.attn_backend)
+            check_quantize(req.quantize, self.device, req.parallel.tensor_parallel_degree)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             self.ctx = setup_parallel(req.parallel, self.cfg.num_attention_heads,
@@ -409,12 +418,14 @@ class VideoGenerator:
         """The DiT on this rank's device; with tensor parallelism each rank keeps only its slice
         (loaded on the CPU, sliced, then moved), so peak device memory is the slice."""
         from .modules.model import StepVideoModel
+        from .quant import quantize_dit
 
         tp = req.parallel.tensor_parallel_degree > 1
         model = StepVideoModel.from_pretrained(transformer_dir(req), self.dtype,
                                                "cpu" if tp else self.device)
         self.ctx.apply(model)
         model = model.to(self.device) if tp else model
+        quantize_dit(model, req.quantize)
         if req.compile:
             model.compile_blocks()
         return model
@@ -478,6 +489,8 @@ def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dic
             frame_shape, cache_stats: dict | None = None) -> dict:
     """The JSON written next to the video: what was asked, what actually ran (``cache``: DiT
     evaluations and reused steps), and how long."""
+    from .modules.attention import auto_choices
+
     settings = dataclasses.asdict(req)
     settings.pop("parallel")
     settings.pop("cache")
@@ -486,7 +499,7 @@ def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dic
         "prompt": req.prompt, "pos_magic": req.pos_magic, "neg_magic": req.neg_magic, "seed": req.seed,
         "settings": settings,
         "resolved": {"device": str(gen.device), "dtype": dtype_name(gen.dtype),
-                     "attn_backend": gen.attn_backend},
+                     "attn_backend": gen.attn_backend, "attn_auto_choices": auto_choices()},
         "degrees": {**dataclasses.asdict(req.parallel), "world_size": gen.ctx.world_size},
         "frames": int(frame_shape[0]), "height": int(frame_shape[1]), "width": int(frame_shape[2]),
         "times_s": {k: round(v, 4) for k, v in times.items()},

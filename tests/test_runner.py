@@ -166,6 +166,17 @@ def test_sidecar_records_what_ran(service, model_dir, tmp_path):
     assert record["created_utc"].endswith("+00:00")
 
 
+def test_quantize_fp8_weight_end_to_end(service, model_dir, tmp_path):
+    """--quantize fp8_weight runs the whole job on the CPU (e4m3 block weights, dequantised at use)
+    and the sidecar says so; the rounding reaches the video (its closeness to the unquantized model
+    is tested on the DiT in test_speed.py)."""
+    quantized = _video(service, model_dir, tmp_path / "q", 6, extra=("--quantize", "fp8_weight"))
+    plain = _video(service, model_dir, tmp_path / "p", 6)
+    record = json.loads(next((tmp_path / "q").glob("*seed6*.json")).read_text())
+    assert record["settings"]["quantize"] == "fp8_weight"
+    assert quantized.shape == plain.shape and not np.array_equal(quantized, plain)
+
+
 def test_ctrl_c_prints_one_line(service, model_dir, tmp_path):
     """SIGINT while denoising: exit 130, one line, no traceback, no video."""
     import signal

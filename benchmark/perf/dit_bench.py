@@ -25,37 +25,14 @@ import torch
 
 from stepvideo import flops
 from stepvideo.conformance import kit_dir
-from stepvideo.diffusion.video_pipeline import VideoSize
 from stepvideo.modules import attention
-from stepvideo.modules.model import DiTConfig, StepVideoModel
+from stepvideo.modules.model import DiTConfig
 from stepvideo.modules.rope import rope_tables
+from stepvideo.synthetic import PUBLISHED_JOBS, latent_grid, model_inputs, random_model, token_grid
 from stepvideo.timing import device_name, peak_memory_gb, reset_peak_memory, time_call
 
-# Public release README section 4.1 ("batch size = 1, w/o cfg distillation", "50 steps w
-# flash-attn", "tested on four GPUs"; the GPU model is not named): (frames, height, width, s).
-PUBLISHED_JOBS = {
-    "544x992x204": (204, 544, 992, 743.0),
-    "768x768x204": (204, 768, 768, 860.0),
-    "544x992x136": (136, 544, 992, 408.0),
-}
 JOB_STEPS, JOB_BATCH, JOB_GPUS = 50, 2, (1, 4, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def latent_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Video frames/pixels -> latent (frames, h, w), by the pipeline's own rounding rule."""
-    _, f, _, h, w = VideoSize.rounded(frames, height, width).latent_shape(1, 1)
-    return f, h, w
-
-
-def token_grid(tokens: int) -> tuple[int, int, int]:
-    """A (frames, h, w) grid with ``tokens`` cells: a published job's grid, else 1 x h x w."""
-    for frames, height, width, _ in PUBLISHED_JOBS.values():
-        f, h, w = latent_grid(frames, height, width)
-        if f * h * w == tokens:
-            return f, h, w
-    h = max(d for d in range(1, int(tokens ** 0.5) + 1) if tokens % d == 0)
-    return 1, h, tokens // h
 
 
 # --- attention ------------------------------------------------------------------------------
@@ -64,40 +41,6 @@ def resolved_attention(device: torch.device, dtype: torch.dtype) -> str:
     """The kernel the attention seam runs for this device and dtype (head dim 128), as PyTorch's
     dispatcher reports it."""
     return attention.probe_kernel(device, dtype)
-
-
-# --- model building -------------------------------------------------------------------------
-
-@torch.no_grad()
-def random_model(cfg: DiTConfig, device: torch.device, dtype: torch.dtype) -> StepVideoModel:
-    """A model allocated directly on ``device`` in ``dtype``: norm weights 1, the rest N(0, .02)."""
-    with torch.device("meta"):
-        model = StepVideoModel.from_config(cfg).to(dtype)
-    model = model.to_empty(device=device)
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
-        else:
-            param.normal_(0.0, 0.02)
-    return model.eval()
-
-
-def model_inputs(cfg: DiTConfig, batch: int, grid: tuple[int, int, int], text_len: int,
-                 clip_len: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random forward() keywords; the text mask is all ones (every context token attended)."""
-    f, h, w = grid
-    llm_dim, clip_dim = cfg.caption_channels
-    p = cfg.patch_size
-    return {
-        "hidden_states": torch.randn(batch, f, cfg.in_channels, h * p, w * p, device=device,
-                                     dtype=dtype),
-        "timestep": torch.rand(batch, device=device, dtype=dtype),
-        "encoder_hidden_states": torch.randn(batch, text_len - clip_len, llm_dim, device=device,
-                                             dtype=dtype),
-        "encoder_hidden_states_2": torch.randn(batch, clip_len, clip_dim, device=device,
-                                               dtype=dtype),
-        "encoder_attention_mask": torch.ones(batch, text_len, device=device),
-    }
 
 
 # --- cases ----------------------------------------------------------------------------------
@@ -225,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="samples (2 = one CFG step)")
     p.add_argument("--text-len", type=int, default=397, help="context tokens (77 CLIP + 320 LLM)")
     p.add_argument("--layers", type=int, default=0, help="also time a whole N-layer model")
-    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash"])
+    p.add_argument("--attn", default="auto", choices=list(attention.NAMES))
     p.add_argument("--compile", action="store_true", help="torch.compile every block (warm-up compiles)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

@@ -18,7 +18,7 @@ from torch import nn
 from ..fileio import write_json_atomic
 from ..layout import TRANSFORMER, check_part, part_dir
 from ..weights import load_safetensors, load_state_dict_strict, read_json, save_sharded
-from .attention import LocalPlan, SequencePlan, attention
+from .attention import LocalPlan, SequencePlan, attention, prepare_compile
 from .layers import RMSNorm, modulate, timestep_sinusoid
 from .rope import ROPE_SPLIT, Rope, apply_rope, rope_tables
 
@@ -311,6 +311,7 @@ class StepVideoModel(nn.Module):
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` every block in place: fuses the element-wise work around the matmuls
         (norms, modulation, RoPE, gates). Blocks share code, so one compilation serves all."""
+        prepare_compile()  # the attention seam's eager-only parts (auto's timing, Triton/CuTe calls)
         for block in self.transformer_blocks:
             block.compile(**options)
 
