@@ -231,3 +231,126 @@ def workload_for(num_frames: int, height: int, width: int, batch: int = 2, **opt
     shape = VideoSize.rounded(num_frames, height, width).latent_shape(1, 64)
     return dataclasses.replace(Workload(batch=batch, **options),
                                tokens=shape[1] * shape[3] * shape[4])
+
+
+# --- the run's options and the runner's entry -----------------------------------------------------
+
+QUANTIZE_CHOICES = ("none", "fp8_weight")  # INTEGRATION POINT: stepvideo/quant.py's --quantize modes
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The one-GPU options of a run: residency (``offload``), the exact activation options and
+    weight storage. Everything but ``quantize`` leaves the output bit-identical."""
+
+    offload: OffloadConfig = OffloadConfig()
+    cfg_sequential: bool = False
+    ff_chunk: int = 0
+    quantize: str = "none"
+
+    def __post_init__(self):
+        if self.ff_chunk < 0:
+            raise ValueError(f"--ff_chunk must be >= 0 tokens, got {self.ff_chunk}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+
+    @property
+    def offloaded(self) -> bool:
+        return self.offload.mode in ("model", "block")
+
+    def apply(self, dit) -> None:
+        """Weight storage and activation options on a loaded DiT (before it is placed)."""
+        if self.quantize == "fp8_weight":
+            from .quant_weight import quantize_dit
+
+            quantize_dit(dit)
+        dit.set_ff_chunk(self.ff_chunk)
+        dit.set_batch_chunk(1 if self.cfg_sequential else 0)
+
+
+def add_memory_args(p) -> None:
+    g = p.add_argument_group("one GPU: memory (each option gives the same video, except --quantize)")
+    g.add_argument("--offload", choices=("none", "model", "block", "auto"), default="none",
+                   help="none: every model stays on the GPU; model: each model on the GPU only "
+                        "during its stage (pinned CPU copies); block: also stream the DiT's blocks "
+                        "and Step-1's layers one ahead of use; auto: the fastest that fits the free "
+                        "memory (printed), or a one-line error naming the card it needs")
+    g.add_argument("--resident_blocks", type=_count, default=0,
+                   help="--offload block: blocks kept on the GPU (more = faster, more memory)")
+    g.add_argument("--cfg_sequential", action="store_true",
+                   help="run the CFG halves through each block one after the other (half the "
+                        "activations)")
+    g.add_argument("--ff_chunk", type=_count, default=0,
+                   help="run the feed-forward over this many tokens at a time (0: all)")
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                   help="fp8_weight: DiT blocks' (and local Step-1 layers') linear weights in "
+                        "float8 e4m3 with per-channel scales (torchao; half the weight memory)")
+
+
+def _count(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def memory_options(a) -> MemoryOptions:
+    return MemoryOptions(OffloadConfig(a.offload, a.resident_blocks), a.cfg_sequential,
+                         a.ff_chunk, a.quantize)
+
+
+def request_sizes(req, dit_cfg, storage_bytes: int, text: bool, vae: bool) -> ModelSizes:
+    """ModelSizes of a request's models, built on the meta device from their configs."""
+    import os
+
+    import torch
+
+    from .modules.model import StepVideoModel
+    from .weights import read_json
+
+    fp8 = req.memory.quantize == "fp8_weight"
+    llm = clip = vae_model = None
+    with torch.device("meta"):
+        dit = StepVideoModel(config=dit_cfg)
+        if text:
+            from .text_encoder.clip import ENCODER_DIR, build_bert
+            from .text_encoder.stepllm import CONFIG_FILE, Step1Config, Step1Model
+
+            root = req.model_dir
+            llm = Step1Model(Step1Config.from_dict(read_json(
+                os.path.join(root, "step_llm", CONFIG_FILE), "Step-1 config")))
+            clip = build_bert(read_json(os.path.join(root, "hunyuan_clip", ENCODER_DIR,
+                                                     "config.json"), "HunyuanClip config"))
+        if vae:
+            from .vae.vae import AutoencoderKL, resolve_checkpoint, resolve_config
+
+            vae_model = AutoencoderKL.from_config(resolve_config(
+                resolve_checkpoint(os.path.join(req.model_dir, "vae")), None))
+    return sizes_of(dit, llm, clip, vae_model, storage_bytes, fp8_dit=fp8, fp8_llm=fp8)
+
+
+def plan_request(req, dit_cfg, device, world_size: int = 1):
+    """(MemoryOptions with ``auto`` resolved, the Plan or None). Plans only for CUDA devices;
+    on the CPU ``auto`` means ``none``. PlanError when nothing fits the free memory."""
+    import torch
+
+    m = req.memory
+    if device.type != "cuda":
+        return (dataclasses.replace(m, offload=OffloadConfig("none")) if m.offload.mode == "auto"
+                else m), None
+    from .devices import resolve_dtype
+
+    here = req.encoder_device == "auto" or torch.device(req.encoder_device) == device
+    text, vae = here and req.caption_url == "local", here and req.vae_url == "local"
+    dtype_bytes = torch.empty((), dtype=resolve_dtype(req.dtype, device)).element_size()
+    sizes = request_sizes(req, dit_cfg, dtype_bytes, text, vae)
+    par = req.parallel
+    work = workload_for(req.num_frames, req.height, req.width, batch=max(2 // par.cfg_degree, 1),
+                        dtype_bytes=dtype_bytes, cfg_sequential=m.cfg_sequential,
+                        ff_chunk=m.ff_chunk, compiled=req.compile, text_on_device=text,
+                        vae_on_device=vae)
+    work = dataclasses.replace(work, tokens=-(-work.tokens // (par.ulysses_degree * par.ring_degree)))
+    p = plan(torch.cuda.mem_get_info(device)[0], sizes, work, m.offload)
+    return dataclasses.replace(m, offload=p.offload), p

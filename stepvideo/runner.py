@@ -26,6 +26,7 @@ from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, StepVideoPipeline,
                                        VideoSize)
 from .fileio import write_json_atomic
+from .memory_plan import MemoryOptions, add_memory_args, memory_options
 from .parallel import LaunchEnv, ParallelConfig, setup_parallel
 from .weights import CheckpointError, read_json
 
@@ -69,6 +70,7 @@ class GenerationRequest:
     contact_sheet: bool = True
     preset: str = "base"
     compile: bool = False
+    memory: MemoryOptions = field(default_factory=MemoryOptions)  # --offload & co (one GPU)
 
     @property
     def size(self) -> VideoSize:
@@ -116,6 +118,7 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
                         "faster and peaks 11%% lower)")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="DiT weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
+    add_memory_args(p)
     g = p.add_argument_group("sampling")
     if require_prompt:
         g.add_argument("--prompt", required=True, help="what the video shows")
@@ -159,7 +162,7 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
                                 2 if a.cfg_parallel else 1),
         parallel_backend=a.parallel_backend, attn_backend=a.attn_backend, device=a.device,
         dtype=a.dtype, denoise_filter=not a.no_denoise_filter, crop_540p=not a.no_crop,
-        preset=a.preset, compile=a.compile)
+        preset=a.preset, compile=a.compile, memory=memory_options(a))
 
 
 # --- checks before expensive work -----------------------------------------------------------------
@@ -280,12 +283,30 @@ class VideoGenerator:
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
         self._rank0_checks(req)
+        self.memory = self._plan_memory(req)
         t0 = time.perf_counter()
         self.pipe = StepVideoPipeline(self._load(req), load_scheduler(req.model_dir))
         self.load_seconds = time.perf_counter() - t0
         self.load_times = {"load_transformer": self.load_seconds}
         if self.ctx.is_main:
             self._attach_backends(req)
+        self.pipe.place(self.memory.offload, self.device, encoders=self._encoders_here(req))
+
+    def _encoders_here(self, req: GenerationRequest) -> bool:
+        return req.encoder_device == "auto" or resolve_device(req.encoder_device) == self.device
+
+    def _plan_memory(self, req: GenerationRequest) -> MemoryOptions:
+        """``--offload auto`` resolved, any mode checked against the device's free memory before a
+        weight is loaded (CUDA; on the CPU every mode runs as it is asked)."""
+        from .memory_plan import PlanError, plan_request
+
+        try:
+            resolved, plan = plan_request(req, self.cfg, self.device, self.ctx.world_size)
+        except PlanError as e:
+            raise PreflightError(str(e)) from e
+        if plan is not None and self.ctx.is_main:
+            print(f"memory plan: {plan.describe()}", file=sys.stderr)
+        return resolved
 
     def _attach_backends(self, req: GenerationRequest) -> None:
         """Rank 0's text encoder and VAE: the service's clients, or the models in this process."""
@@ -293,6 +314,8 @@ class VideoGenerator:
 
         device = self.device if req.encoder_device == "auto" else resolve_device(req.encoder_device)
         dtype = resolve_dtype(req.encoder_dtype, device)
+        if self.memory.offloaded and self._encoders_here(req):
+            device = torch.device("cpu")  # the residency plan moves them to the GPU per stage
         dirs = local_part_dirs(req)
         t0 = time.perf_counter()
         if req.caption_url == LOCAL:
@@ -300,6 +323,10 @@ class VideoGenerator:
 
             self.pipe.text_encoder = LocalTextEncoder.from_dirs(
                 dirs["step_llm"], dirs["hunyuan_clip"], dtype, device, cache_size=64)
+            if self.memory.quantize == "fp8_weight":
+                from .quant_weight import quantize_step1
+
+                quantize_step1(self.pipe.text_encoder.llm.model)
         else:
             self.pipe.text_encoder = RemoteTextEncoder(req.caption_url)
         if req.vae_url == LOCAL:
@@ -332,10 +359,13 @@ class VideoGenerator:
         from .modules.model import StepVideoModel
 
         tp = req.parallel.tensor_parallel_degree > 1
+        # Sliced, quantised or offloaded: load on the host; the pipeline's residency plan
+        # (StepVideoPipeline.place) moves it, so the device never holds the whole bf16 model.
+        on_host = tp or self.memory.offloaded or self.memory.quantize != "none"
         model = StepVideoModel.from_pretrained(transformer_dir(req), self.dtype,
-                                               "cpu" if tp else self.device)
+                                               "cpu" if on_host else self.device)
         self.ctx.apply(model)
-        model = model.to(self.device) if tp else model
+        self.memory.apply(model)
         if req.compile:
             model.compile_blocks()
         return model
