@@ -99,7 +99,8 @@ class ActivationModel:
     estimate: the attention phase's own peak; not yet measured). Under ``--cfg_sequential`` one
     sample is in flight and each other sample holds ``held_rows`` (its block input and output).
 
-    VAE: the measured peak of one full-size chunk in bf16 (28.0 GiB, H200) less its weights; text:
+    VAE: the measured peak of one full-size chunk in bf16 (28.0 GiB, H200) less its weights,
+    scaled by the frame's pixels and the decoder's width against the release's; text:
     Step-1's 2 x 320 tokens (36.6 GiB peak, H200) less its weights, rounded up.
     """
 
@@ -108,7 +109,7 @@ class ActivationModel:
     ff_rows: float = 8.0
     rows_without_ff: float = 9.0
     held_rows: float = 2.0
-    vae_chunk: int = int(27.0 * GiB)
+    vae_chunk: int = int(27.0 * GiB)  # 544 x 992, decoder width 128
     text: int = int(0.5 * GiB)
     reserve: int = int(1.0 * GiB)   # allocator fragmentation, cuBLAS workspaces, RoPE tables
 
@@ -128,6 +129,8 @@ class Workload:
     (2 per prompt), and the exact activation options."""
 
     tokens: int = 75_888
+    pixels: int = 544 * 992
+    vae_width: float = 1.0          # the VAE decoder's width over the release's (128)
     batch: int = 2
     dim: int = 6144
     dtype_bytes: int = 2
@@ -166,7 +169,8 @@ def stage_peaks(sizes: ModelSizes, work: Workload, offload: OffloadConfig,
     text_w = (sizes.llm + sizes.clip) if work.text_on_device else 0
     vae_w = sizes.vae if work.vae_on_device else 0
     text_act = act.text if work.text_on_device else 0
-    vae_act = (act.vae_chunk if work.vae_act is None else work.vae_act) if work.vae_on_device else 0
+    untiled = int(act.vae_chunk * work.pixels / (544 * 992) * work.vae_width)
+    vae_act = (untiled if work.vae_act is None else work.vae_act) if work.vae_on_device else 0
     if offload.mode == "none":
         resident = sizes.dit + text_w + vae_w
         return {"text": resident + text_act, "dit": resident + dit_act, "vae": resident + vae_act}
@@ -228,8 +232,9 @@ def workload_for(num_frames: int, height: int, width: int, batch: int = 2, **opt
     """The DiT's tokens for a video size (latent frames x h/16 x w/16, patch 1)."""
     from .diffusion.video_pipeline import VideoSize
 
-    shape = VideoSize.rounded(num_frames, height, width).latent_shape(1, 64)
-    return dataclasses.replace(Workload(batch=batch, **options),
+    size = VideoSize.rounded(num_frames, height, width)
+    shape = size.latent_shape(1, 64)
+    return dataclasses.replace(Workload(batch=batch, **options), pixels=size.height * size.width,
                                tokens=shape[1] * shape[3] * shape[4])
 
 
@@ -346,11 +351,18 @@ def plan_request(req, dit_cfg, device, world_size: int = 1):
     text, vae = here and req.caption_url == "local", here and req.vae_url == "local"
     dtype_bytes = torch.empty((), dtype=resolve_dtype(req.dtype, device)).element_size()
     sizes = request_sizes(req, dit_cfg, dtype_bytes, text, vae)
+    vae_width = 1.0
+    if vae:
+        from .vae.vae import resolve_checkpoint, resolve_config
+
+        import os
+        vae_width = resolve_config(resolve_checkpoint(os.path.join(req.model_dir, "vae")),
+                                   None).decoder_ch / 128
     par = req.parallel
     work = workload_for(req.num_frames, req.height, req.width, batch=max(2 // par.cfg_degree, 1),
                         dtype_bytes=dtype_bytes, cfg_sequential=m.cfg_sequential,
                         ff_chunk=m.ff_chunk, compiled=req.compile, text_on_device=text,
-                        vae_on_device=vae)
+                        vae_on_device=vae, vae_width=vae_width)
     work = dataclasses.replace(work, tokens=-(-work.tokens // (par.ulysses_degree * par.ring_degree)))
     p = plan(torch.cuda.mem_get_info(device)[0], sizes, work, m.offload)
     return dataclasses.replace(m, offload=p.offload), p

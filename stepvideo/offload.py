@@ -97,8 +97,10 @@ class HostWeights:
 
     @staticmethod
     def _set(mod, name, is_param, t):
-        if is_param:
-            mod._parameters[name].data = t
+        if is_param and type(t) is torch.Tensor:
+            mod._parameters[name].data = t  # the same Parameter object: compiled code keeps it
+        elif is_param:  # a tensor subclass (torchao's Float8Tensor) cannot be set as .data
+            mod._parameters[name] = nn.Parameter(t, requires_grad=False)
         else:
             mod._buffers[name] = t
 
@@ -110,7 +112,9 @@ class HostWeights:
         """Install device copies (issued on ``stream`` when given); returns them."""
         copies = []
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
+        # Plain tensors even inside a stage's inference_mode: a tensor subclass parameter
+        # (Float8Tensor) cannot be built from an inference tensor.
+        with ctx, torch.inference_mode(False), torch.no_grad():
             for (mod, name, is_param), host in zip(self.slots, self.host):
                 t = (host.clone() if self.device.type == "cpu"
                      else host.to(self.device, non_blocking=True))
@@ -234,6 +238,14 @@ class Residency:
         finally:
             for e in entries:
                 e.exit()
+
+    def close(self) -> None:
+        """Undo the plan: hooks removed, every model's weights on the device for good."""
+        for entry in self.entries.values():
+            if entry.streamer is not None:
+                entry.streamer.remove()
+            entry.rest.to_device()
+        self.entries.clear()
 
     def streamer(self, name: str) -> BlockStreamer | None:
         entry = self.entries.get(name)

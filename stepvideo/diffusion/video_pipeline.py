@@ -190,7 +190,10 @@ class StepVideoPipeline:
               encoders: bool = True) -> "StepVideoPipeline":
         """Put the models under a residency plan on ``device`` (``--offload``): the DiT and, with
         ``encoders``, the in-process text encoders and VAE (backends with ``residency_parts``).
-        Each stage then has its model on the device only while it runs (``none``: always)."""
+        Each stage then has its model on the device only while it runs (``none``: always).
+        A second call replaces the first plan."""
+        if self.residency is not None:
+            self.residency.close()
         self.residency = Residency(offload, device)
         self.residency.add("dit", self.transformer, self.transformer.transformer_blocks)
         for backend in (self.text_encoder, self.vae) if encoders else ():
