@@ -68,6 +68,8 @@ def _skip_ids(modules) -> set[int]:
 def _pin(t: torch.Tensor) -> torch.Tensor:
     """A pinned copy, one tensor at a time (never a second copy of the whole model); tensors
     whose type cannot be pinned (some tensor subclasses) stay pageable."""
+    if t.is_pinned():
+        return t
     try:
         return t.pin_memory()
     except (RuntimeError, NotImplementedError, TypeError):
@@ -124,8 +126,9 @@ class HostWeights:
         return copies
 
     def to_host(self) -> None:
-        for (mod, name, is_param), host in zip(self.slots, self.host):
-            self._set(mod, name, is_param, host)
+        with torch.inference_mode(False), torch.no_grad():
+            for (mod, name, is_param), host in zip(self.slots, self.host):
+                self._set(mod, name, is_param, host)
         self.on_device = False
 
 
@@ -181,11 +184,11 @@ class BlockStreamer:
             self.weights[i].to_host()
         self.pending.clear()
 
-    def remove(self) -> None:
+    def remove(self, to_device: bool = True) -> None:
         self.release()
         for h in self.handles:
             h.remove()
-        for w in self.weights.values():
+        for w in self.weights.values() if to_device else ():
             w.to_device()
 
 
@@ -239,12 +242,14 @@ class Residency:
             for e in entries:
                 e.exit()
 
-    def close(self) -> None:
-        """Undo the plan: hooks removed, every model's weights on the device for good."""
+    def close(self, to_device: bool = True) -> None:
+        """Undo the plan: hooks removed, every model's weights on the device for good (or, with
+        ``to_device=False``, left on the host)."""
         for entry in self.entries.values():
             if entry.streamer is not None:
-                entry.streamer.remove()
-            entry.rest.to_device()
+                entry.streamer.remove(to_device)
+            if to_device:
+                entry.rest.to_device()
         self.entries.clear()
 
     def streamer(self, name: str) -> BlockStreamer | None:

@@ -220,3 +220,18 @@ def test_runner_plans_before_loading(tiny_model_dir, monkeypatch):
     assert resolved.offload.mode == "none" and p.peak < 4 * GiB
     cpu, none = plan_request(req, cfg, torch.device("cpu"))
     assert cpu.offload.mode == "none" and none is None
+
+
+def test_gpu_script_runs_at_tiny_size():
+    """benchmark/one_gpu.py --tiny: the H200 script's flow on the CPU; exact modes give the
+    uncapped none step's velocity bit for bit."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("one_gpu", ROOT / "benchmark" / "one_gpu.py")
+    one_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(one_gpu)
+    out = one_gpu.main(["--tiny", "--modes", "24gb_block0_seq_chunk,none,80gb_auto"])
+    rows = {r["mode"]: r for r in out["rows"]}
+    assert list(rows) == ["none", "24gb_block0_seq_chunk", "80gb_auto"]
+    assert all(r["max_abs_diff_vs_none"] == 0.0 for r in rows.values())
+    assert rows["24gb_block0_seq_chunk"]["blocks_loaded"] == 7  # 3 blocks x (warm-up + step) + 1
