@@ -430,7 +430,7 @@ def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dic
         "prompt": req.prompt, "pos_magic": req.pos_magic, "neg_magic": req.neg_magic, "seed": req.seed,
         "settings": settings,
         "resolved": {"device": str(gen.device), "dtype": dtype_name(gen.dtype),
-                     "attn_backend": gen.attn_backend},
+                     "attn_backend": gen.attn_backend, "memory": dataclasses.asdict(gen.memory)},
         "degrees": {**dataclasses.asdict(req.parallel), "world_size": gen.ctx.world_size},
         "frames": int(frame_shape[0]), "height": int(frame_shape[1]), "width": int(frame_shape[2]),
         "times_s": {k: round(v, 4) for k, v in times.items()},
