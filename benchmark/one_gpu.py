@@ -138,8 +138,10 @@ def run_mode(name, model, host: HostWeights, x, x_warm, text, ref, sizes, work, 
                        peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GiB, 2))
         streamer = residency.streamer("dit")
         row["blocks_loaded"] = streamer.loads if streamer is not None else 0
-    except torch.cuda.OutOfMemoryError as e:
-        row.update(error=f"OOM: {str(e).splitlines()[0]}")
+    except (torch.cuda.OutOfMemoryError, RuntimeError, NotImplementedError) as e:
+        # one try on the device: record what failed and go on to the next mode
+        row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        print(f"mode {name} failed: {row['error']}", flush=True)
         v = None
     finally:
         residency.close(to_device=False)

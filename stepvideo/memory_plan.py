@@ -345,9 +345,9 @@ def plan_request(req, dit_cfg, device, world_size: int = 1):
     if device.type != "cuda":
         return (dataclasses.replace(m, offload=OffloadConfig("none")) if m.offload.mode == "auto"
                 else m), None
-    from .devices import resolve_dtype
+    from .devices import resolve_device, resolve_dtype
 
-    here = req.encoder_device == "auto" or torch.device(req.encoder_device) == device
+    here = req.encoder_device == "auto" or resolve_device(req.encoder_device) == device
     text, vae = here and req.caption_url == "local", here and req.vae_url == "local"
     dtype_bytes = torch.empty((), dtype=resolve_dtype(req.dtype, device)).element_size()
     sizes = request_sizes(req, dit_cfg, dtype_bytes, text, vae)

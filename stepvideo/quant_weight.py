@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 
-def _torchao():
+def require_torchao():
+    """(Float8WeightOnlyConfig, quantize_), or a RuntimeError saying what to install."""
     try:
         from torchao.quantization import Float8WeightOnlyConfig, quantize_
     except ImportError as e:
@@ -41,7 +42,7 @@ def quantize_fp8_weight(model: nn.Module, prefix: str) -> nn.Module:
     """Store the weights of the linears under ``prefix`` as float8 e4m3 + per-output-channel
     scale, in place. The DiT: ``prefix="transformer_blocks."``; Step-1:
     ``"transformer.layers."``."""
-    config, quantize_ = _torchao()
+    config, quantize_ = require_torchao()
     quantize_(model, config(), filter_fn=block_linears(prefix))
     return model
 

@@ -301,8 +301,12 @@ class VideoGenerator:
         from .memory_plan import PlanError, plan_request
 
         try:
+            if req.memory.quantize == "fp8_weight":
+                from .quant_weight import require_torchao
+
+                require_torchao()
             resolved, plan = plan_request(req, self.cfg, self.device, self.ctx.world_size)
-        except PlanError as e:
+        except (PlanError, RuntimeError) as e:
             raise PreflightError(str(e)) from e
         if plan is not None and self.ctx.is_main:
             print(f"memory plan: {plan.describe()}", file=sys.stderr)
