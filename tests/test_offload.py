@@ -108,17 +108,29 @@ def test_streamer_swaps_blocks_around_their_forward():
     assert torch.equal(y, blocks[3](blocks[2](blocks[1](blocks[0](x)))))
 
 
-def test_fp8_weight_error_is_within_its_bound(tiny_model_dir, reference):
-    """Tiny model end to end, 2 steps, float32 compute: FP8 weight storage (torchao) vs the
-    float32 reference. Bound (documented in the README): cosine > 0.999, rel L2 < 0.05."""
+def test_fp8_weight_error_is_within_its_bound(pipe, reference, tmp_path):
+    """--quantize fp8_weight --offload block through the runner's VideoGenerator (DiT blocks and
+    Step-1 layers stored as FP8 by torchao), tiny model, 2 steps, float32 compute, against the
+    unquantised reference (measured: rel L2 0.043, cosine 0.9992). Bound (README): cosine > 0.995,
+    relative L2 < 0.1."""
     pytest.importorskip("torchao")
-    pipe = build(tiny_model_dir, MemoryOptions(OffloadConfig("block"), quantize="fp8_weight"))
-    x, _ = generate(pipe)
+    from stepvideo.runner import VideoGenerator, request_from_args
+
+    req = request_from_args(["--model_dir", pipe.model_dir, "--caption_url", "local", "--vae_url",
+                             "local", "--prompt", PROMPT, "--pos_magic", "", "--neg_magic", "",
+                             "--device", "cpu", "--quantize", "fp8_weight", "--offload", "block",
+                             "--save_path", str(tmp_path)])
+    gen = VideoGenerator(req)
+    try:
+        x, _ = generate(gen.pipe, decode=False)
+    finally:
+        gen.close()
     stats = error_stats(x, reference[0])
-    assert stats["cosine"] > 0.999 and stats["rel_l2"] < 0.05, stats
+    assert stats["cosine"] > 0.995 and stats["rel_l2"] < 0.1, stats
     assert stats["max_abs"] > 0  # the weights really changed
-    qdata = pipe.transformer.transformer_blocks[0].attn1.wqkv.weight.qdata
-    assert qdata.dtype == torch.float8_e4m3fn
+    assert gen.pipe.transformer.transformer_blocks[0].attn1.wqkv.weight.qdata.dtype == torch.float8_e4m3fn
+    llm = gen.pipe.text_encoder.llm.model
+    assert llm.transformer["layers"][0].attention.wqkv.weight.qdata.dtype == torch.float8_e4m3fn
 
 
 def test_cli_offload_block_gives_the_same_video(pipe, reference, tmp_path):
