@@ -14,9 +14,12 @@ the copies overlap compute, so fewer resident blocks cost little at the full vid
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .offload import OffloadConfig
@@ -293,8 +296,6 @@ def add_memory_args(p) -> None:
 
 
 def _count(text: str) -> int:
-    import argparse
-
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
@@ -308,10 +309,6 @@ def memory_options(a) -> MemoryOptions:
 
 def request_sizes(req, dit_cfg, storage_bytes: int, text: bool, vae: bool) -> ModelSizes:
     """ModelSizes of a request's models, built on the meta device from their configs."""
-    import os
-
-    import torch
-
     from .modules.model import StepVideoModel
     from .weights import read_json
 
@@ -336,11 +333,11 @@ def request_sizes(req, dit_cfg, storage_bytes: int, text: bool, vae: bool) -> Mo
     return sizes_of(dit, llm, clip, vae_model, storage_bytes, fp8_dit=fp8, fp8_llm=fp8)
 
 
-def plan_request(req, dit_cfg, device, world_size: int = 1):
+def plan_request(req, dit_cfg, device):
     """(MemoryOptions with ``auto`` resolved, the Plan or None). Plans only for CUDA devices;
-    on the CPU ``auto`` means ``none``. PlanError when nothing fits the free memory."""
-    import torch
-
+    on the CPU ``auto`` means ``none``. PlanError when nothing fits the free memory. Sequence
+    and CFG parallelism divide the tokens and the batch; tensor parallelism's weight slices are
+    not modelled (the plan is for the whole weights)."""
     m = req.memory
     if device.type != "cuda":
         return (dataclasses.replace(m, offload=OffloadConfig("none")) if m.offload.mode == "auto"
@@ -355,7 +352,6 @@ def plan_request(req, dit_cfg, device, world_size: int = 1):
     if vae:
         from .vae.vae import resolve_checkpoint, resolve_config
 
-        import os
         vae_width = resolve_config(resolve_checkpoint(os.path.join(req.model_dir, "vae")),
                                    None).decoder_ch / 128
     par = req.parallel

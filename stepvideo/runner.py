@@ -305,7 +305,7 @@ class VideoGenerator:
                 from .quant_weight import require_torchao
 
                 require_torchao()
-            resolved, plan = plan_request(req, self.cfg, self.device, self.ctx.world_size)
+            resolved, plan = plan_request(req, self.cfg, self.device)
         except (PlanError, RuntimeError) as e:
             raise PreflightError(str(e)) from e
         if plan is not None and self.ctx.is_main:
