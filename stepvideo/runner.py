@@ -425,6 +425,13 @@ class VideoGenerator:
         self.ctx.close()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dict,
             frame_shape) -> dict:
     """The JSON written next to the video: what was asked, what actually ran, and how long."""
@@ -434,7 +441,8 @@ def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dic
         "prompt": req.prompt, "pos_magic": req.pos_magic, "neg_magic": req.neg_magic, "seed": req.seed,
         "settings": settings,
         "resolved": {"device": str(gen.device), "dtype": dtype_name(gen.dtype),
-                     "attn_backend": gen.attn_backend, "memory": dataclasses.asdict(gen.memory)},
+                     "attn_backend": gen.attn_backend, "memory": dataclasses.asdict(gen.memory),
+                     "peak_host_rss_gib": round(peak_rss_bytes() / 2**30, 2)},
         "degrees": {**dataclasses.asdict(req.parallel), "world_size": gen.ctx.world_size},
         "frames": int(frame_shape[0]), "height": int(frame_shape[1]), "width": int(frame_shape[2]),
         "times_s": {k: round(v, 4) for k, v in times.items()},

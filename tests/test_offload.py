@@ -149,6 +149,11 @@ def test_cli_offload_block_gives_the_same_video(pipe, reference, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.array_equal(read_frames(next((tmp_path / "cli").glob("*.mp4"))), read_frames(ref))
+    import json
+
+    resolved = json.loads(next((tmp_path / "cli").glob("*.json")).read_text())["resolved"]
+    assert resolved["memory"]["offload"] == {"mode": "block", "resident_blocks": 1, "prefetch": 1}
+    assert resolved["peak_host_rss_gib"] > 0
 
 
 def pipe_dir(pipe) -> str:
