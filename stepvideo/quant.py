@@ -105,6 +105,30 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             for name, m in block.named_modules() if isinstance(m, nn.Linear)]
 
 
+def quantize_linears(model: nn.Module, prefix: str) -> int:
+    """``fp8_weight`` for every nn.Linear whose qualified name starts with ``prefix``, in place;
+    returns how many."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.startswith(prefix)]
+    for qualname, linear in targets:
+        parent_name, _, attr = qualname.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, Float8WeightLinear.from_linear(linear))
+    return len(targets)
+
+
+def quantize_step1(model: nn.Module) -> int:
+    """``fp8_weight`` for Step-1's transformer layers (``Step1Model``), in place."""
+    return quantize_linears(model, "transformer.layers.")
+
+
+def error_stats(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """max and mean |out - ref|, relative L2 and cosine similarity, in float64."""
+    a, b = out.double().flatten(), ref.double().flatten()
+    return {"max_abs": (a - b).abs().max().item(), "mean_abs": (a - b).abs().mean().item(),
+            "rel_l2": ((a - b).norm() / b.norm().clamp_min(1e-30)).item(),
+            "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()}
+
+
 def quantize_dit(model: nn.Module, mode: str) -> int:
     """Quantize the blocks' linears of ``model`` in place for ``mode``; returns how many."""
     if mode not in MODES:
@@ -113,10 +137,7 @@ def quantize_dit(model: nn.Module, mode: str) -> int:
     if mode == "none":
         return 0
     if mode == "fp8_weight":
-        for qualname, linear in targets:
-            parent_name, _, attr = qualname.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, Float8WeightLinear.from_linear(linear))
-        return len(targets)
+        return quantize_linears(model, "transformer_blocks.")
     check_mode(mode, next(model.parameters()).device)
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 

@@ -29,6 +29,7 @@ from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, StepVideoPipeline,
                                        VideoSize)
 from .fileio import write_json_atomic
+from .memory_plan import MemoryOptions, add_memory_args, memory_options
 from .modules.attention import NAMES as ATTN_BACKENDS
 from .parallel import LaunchEnv, ParallelConfig, setup_parallel
 from .weights import CheckpointError, read_json
@@ -74,7 +75,7 @@ class GenerationRequest:
     preset: str = "base"
     compile: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
-    quantize: str = "none"
+    memory: MemoryOptions = field(default_factory=MemoryOptions)  # --offload, --quantize & co
 
     @property
     def size(self) -> VideoSize:
@@ -128,13 +129,16 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
                         "real shapes (CUDA; sdpa on the CPU); sage is 8-bit (not exact)")
     g.add_argument("--quantize", choices=list(QUANT_MODES), default="none",
                    help="DiT block linears: fp8 = dynamic float8 activations+weights, per-row scales "
-                        "(torchao, CUDA sm89+); fp8_weight = float8 weight storage, dequantised at use")
+                        "(torchao, CUDA sm89+); fp8_weight = float8 e4m3 weights with per-channel "
+                        "scales, dequantised at use (half the weight memory; DiT blocks and, with "
+                        "--caption_url local, Step-1's layers; any device)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (about 30 s once; on an H200 a 30B step is 9%% "
                         "faster and peaks 11%% lower)")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="DiT weights/activations; auto = bfloat16 on CUDA, float32 on CPU")
+    add_memory_args(p)
     g = p.add_argument_group("sampling")
     if require_prompt:
         g.add_argument("--prompt", default=None,
@@ -227,7 +231,8 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
                                 2 if a.cfg_parallel else 1),
         parallel_backend=a.parallel_backend, attn_backend=a.attn_backend, device=a.device,
         dtype=a.dtype, denoise_filter=not a.no_denoise_filter, crop_540p=not a.no_crop,
-        preset=a.preset, compile=a.compile, cache=cache_from_namespace(a), quantize=a.quantize)
+        preset=a.preset, compile=a.compile, cache=cache_from_namespace(a),
+        memory=memory_options(a))
 
 
 def cache_from_namespace(a: argparse.Namespace) -> CacheConfig:
@@ -351,7 +356,7 @@ class VideoGenerator:
             self.device = resolve_device(req.device, env.local_rank, env.world_size)
             self.dtype = resolve_dtype(req.dtype, self.device)
             set_backend(req.attn_backend)
-            check_quantize(req.quantize, self.device, req.parallel.tensor_parallel_degree)
+            check_quantize(req.memory.quantize, self.device, req.parallel.tensor_parallel_degree)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             self.ctx = setup_parallel(req.parallel, self.cfg.num_attention_heads,
@@ -368,12 +373,30 @@ class VideoGenerator:
             for note in [*notes, *self.ctx.notes]:
                 print(f"note: {note}", file=sys.stderr)
         self._rank0_checks(req)
+        self.memory = self._plan_memory(req)
         t0 = time.perf_counter()
         self.pipe = StepVideoPipeline(self._load(req), load_scheduler(req.model_dir))
         self.load_seconds = time.perf_counter() - t0
         self.load_times = {"load_transformer": self.load_seconds}
         if self.ctx.is_main:
             self._attach_backends(req)
+        self.pipe.place(self.memory.offload, self.device, encoders=self._encoders_here(req))
+
+    def _encoders_here(self, req: GenerationRequest) -> bool:
+        return req.encoder_device == "auto" or resolve_device(req.encoder_device) == self.device
+
+    def _plan_memory(self, req: GenerationRequest) -> MemoryOptions:
+        """``--offload auto`` resolved, any mode checked against the device's free memory before a
+        weight is loaded (CUDA; on the CPU every mode runs as it is asked)."""
+        from .memory_plan import PlanError, plan_request
+
+        try:
+            resolved, plan = plan_request(req, self.cfg, self.device)
+        except (PlanError, RuntimeError) as e:
+            raise PreflightError(str(e)) from e
+        if plan is not None and self.ctx.is_main:
+            print(f"memory plan: {plan.describe()}", file=sys.stderr)
+        return resolved
 
     def _attach_backends(self, req: GenerationRequest) -> None:
         """Rank 0's text encoder and VAE: the service's clients, or the models in this process."""
@@ -381,6 +404,8 @@ class VideoGenerator:
 
         device = self.device if req.encoder_device == "auto" else resolve_device(req.encoder_device)
         dtype = resolve_dtype(req.encoder_dtype, device)
+        if self.memory.offloaded and self._encoders_here(req):
+            device = torch.device("cpu")  # the residency plan moves them to the GPU per stage
         dirs = local_part_dirs(req)
         t0 = time.perf_counter()
         if req.caption_url == LOCAL:
@@ -388,6 +413,10 @@ class VideoGenerator:
 
             self.pipe.text_encoder = LocalTextEncoder.from_dirs(
                 dirs["step_llm"], dirs["hunyuan_clip"], dtype, device, cache_size=64)
+            if self.memory.quantize == "fp8_weight":
+                from .quant import quantize_step1
+
+                quantize_step1(self.pipe.text_encoder.llm.model)
         else:
             self.pipe.text_encoder = replicas.text_encoder(req.caption_url)
         if req.vae_url == LOCAL:
@@ -418,14 +447,16 @@ class VideoGenerator:
         """The DiT on this rank's device; with tensor parallelism each rank keeps only its slice
         (loaded on the CPU, sliced, then moved), so peak device memory is the slice."""
         from .modules.model import StepVideoModel
-        from .quant import quantize_dit
 
         tp = req.parallel.tensor_parallel_degree > 1
+        # Sliced, weight-quantised or offloaded: load on the host; the pipeline's residency plan
+        # (StepVideoPipeline.place) moves it, so the device never holds the whole bf16 model.
+        # Dynamic fp8 quantises on the device (torchao's float8 kernels are CUDA-only).
+        on_host = tp or self.memory.offloaded or self.memory.quantize == "fp8_weight"
         model = StepVideoModel.from_pretrained(transformer_dir(req), self.dtype,
-                                               "cpu" if tp else self.device)
+                                               "cpu" if on_host else self.device)
         self.ctx.apply(model)
-        model = model.to(self.device) if tp else model
-        quantize_dit(model, req.quantize)
+        self.memory.apply(model)
         if req.compile:
             model.compile_blocks()
         return model
@@ -485,6 +516,13 @@ class VideoGenerator:
         self.ctx.close()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dict,
             frame_shape, cache_stats: dict | None = None) -> dict:
     """The JSON written next to the video: what was asked, what actually ran (``cache``: DiT
@@ -499,7 +537,9 @@ def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dic
         "prompt": req.prompt, "pos_magic": req.pos_magic, "neg_magic": req.neg_magic, "seed": req.seed,
         "settings": settings,
         "resolved": {"device": str(gen.device), "dtype": dtype_name(gen.dtype),
-                     "attn_backend": gen.attn_backend, "attn_auto_choices": auto_choices()},
+                     "attn_backend": gen.attn_backend, "attn_auto_choices": auto_choices(),
+                     "memory": dataclasses.asdict(gen.memory),
+                     "peak_host_rss_gib": round(peak_rss_bytes() / 2**30, 2)},
         "degrees": {**dataclasses.asdict(req.parallel), "world_size": gen.ctx.world_size},
         "frames": int(frame_shape[0]), "height": int(frame_shape[1]), "width": int(frame_shape[2]),
         "times_s": {k: round(v, 4) for k, v in times.items()},

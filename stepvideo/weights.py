@@ -11,8 +11,7 @@ import os
 from typing import Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .fileio import write_json_atomic
 
@@ -57,20 +56,22 @@ def missing_shards(index_path: str) -> list[str]:
 
 def load_safetensors(paths: Iterable[str], dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read and merge safetensors files; floating tensors are cast to ``dtype`` if given."""
+    """Read and merge safetensors files tensor by tensor; floating tensors are cast to ``dtype``
+    as they are read, so host memory holds the loaded state plus one tensor, never a second copy
+    of a shard or of the model."""
     state: dict[str, torch.Tensor] = {}
     for path in paths:
         try:
-            part = load_file(path, device=str(device))
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                dup = set(f.keys()) & set(state)
+                if dup:
+                    raise CheckpointError(f"{path} repeats tensors already loaded: {_short_list(dup)}")
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
                                   "delete it and download it again.") from e
-        dup = set(part) & set(state)
-        if dup:
-            raise CheckpointError(f"{path} repeats tensors already loaded: {_short_list(dup)}")
-        state.update(part)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..conditioning import TextEmbeddings, TextEncoderBackend, VAEBackend
+from ..offload import OffloadConfig, Residency
 from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
 from .cache import CacheConfig, StepCache, stats_record
 from .scheduler import FlowMatchDiscreteScheduler, cfg_combine, load_scheduler
@@ -194,6 +195,25 @@ class StepVideoPipeline:
         self.vae = vae
         self.times: dict[str, float] = {}
         self.cache_stats: dict | None = None
+        self.residency: Residency | None = None
+
+    def place(self, offload: OffloadConfig, device: str | torch.device,
+              encoders: bool = True) -> "StepVideoPipeline":
+        """Put the models under a residency plan on ``device`` (``--offload``): the DiT and, with
+        ``encoders``, the in-process text encoders and VAE (backends with ``residency_parts``).
+        Each stage then has its model on the device only while it runs (``none``: always).
+        A second call replaces the first plan."""
+        if self.residency is not None:
+            self.residency.close()
+        self.residency = Residency(offload, device)
+        self.residency.add("dit", self.transformer, self.transformer.transformer_blocks)
+        for backend in (self.text_encoder, self.vae) if encoders else ():
+            for name, module, blocks in getattr(backend, "residency_parts", lambda: [])():
+                self.residency.add(name, module, blocks)
+        return self
+
+    def _resident(self, *names: str):
+        return self.residency.active(*names) if self.residency is not None else contextlib.nullcontext()
 
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32,
@@ -216,6 +236,9 @@ class StepVideoPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The compute device: the residency plan's, else where the DiT's weights are."""
+        if self.residency is not None:
+            return self.residency.device
         return next(self.transformer.parameters()).device
 
     @property
@@ -240,7 +263,7 @@ class StepVideoPipeline:
         if self.text_encoder is None:
             raise RuntimeError("no text encoder: call setup_api(vae_url, caption_url) or pass "
                                "text_encoder= to the pipeline")
-        with self.stage("text_encode"):
+        with self.stage("text_encode"), self._resident("step_llm", "clip"):
             text = self.text_encoder.encode(cfg_prompts(prompts, pos_magic, neg_magic))
             return text.to(self.device, self.dtype)
 
@@ -281,7 +304,7 @@ class StepVideoPipeline:
                 on_step(i, x)
 
         try:
-            with self.stage("denoise"):
+            with self.stage("denoise"), self._resident("dit"):
                 x = denoise(self.transformer, latents.to(self.device), text, self.scheduler,
                             guidance_scale, cfg=cfg, on_step=step, cache=step_cache)
         finally:
@@ -298,12 +321,12 @@ class StepVideoPipeline:
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Float video (B, F, 3, H, W) in ~[-1, 1]."""
-        with self.stage("vae_decode"):
+        with self.stage("vae_decode"), self._resident("vae"):
             return self._vae().decode(latents)
 
     def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, F, H, W, 3) uint8 frames, post-processed chunk by chunk by the VAE backend."""
-        with self.stage("vae_decode"):
+        with self.stage("vae_decode"), self._resident("vae"):
             return self._vae().decode_uint8(latents.float().cpu())
 
     def write(self, frames, stem: str, denoise_filter: bool = True, crop: bool = True,

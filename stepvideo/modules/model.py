@@ -180,13 +180,19 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """GELU MLP. ``chunk_tokens`` > 0 runs it over that many tokens at a time: every token's row
+    is computed by the same kernels, and the (B, S, 4D) hidden state is never whole."""
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.Sequential(_GeluProj(dim, mult * dim), nn.Identity(),
                                  nn.Linear(mult * dim, dim, bias=False))
+        self.chunk_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.chunk_tokens <= 0 or x.shape[1] <= self.chunk_tokens:
+            return self.net(x)
+        return torch.cat([self.net(part) for part in x.split(self.chunk_tokens, dim=1)], dim=1)
 
 
 class _GeluProj(nn.Module):
@@ -208,6 +214,7 @@ class DiTBlock(nn.Module):
         self.attn2 = CrossAttention(dim, heads, hd)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
+        self.batch_chunk = 0  # > 0: run that many samples at a time (see StepVideoModel.set_batch_chunk)
 
     def modulations(self, t_mod: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
         """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, 1, D)."""
@@ -222,6 +229,15 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: Rope,
                 kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int) -> torch.Tensor:
         """x (B, S, D) this rank's tokens; context (B, L, D) text; t_mod (B, 6D) AdaLN-Single."""
+        n = self.batch_chunk
+        if n <= 0 or x.shape[0] <= n:
+            return self._forward(x, context, t_mod, rope, kv_lens, plan, seq_len)
+        return torch.cat([self._forward(x[i:i + n], context[i:i + n], t_mod[i:i + n], rope,
+                                        None if kv_lens is None else kv_lens[i:i + n], plan, seq_len)
+                          for i in range(0, x.shape[0], n)])
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: Rope,
+                 kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(
             t_mod, x.shape[0])
         attn = self.attn1(modulate(self.norm1(x), shift_msa, scale_msa), rope, plan, seq_len)
@@ -307,6 +323,24 @@ class StepVideoModel(nn.Module):
                           {"_class_name": "StepVideoModel", **self.config.to_dict()})
         save_sharded(self.state_dict(), transformer_dir, TRANSFORMER.index, TRANSFORMER.shard_name,
                      num_shards, dtype)
+
+    def set_ff_chunk(self, tokens: int) -> None:
+        """Run every block's feed-forward over ``tokens`` tokens at a time (0: all at once)."""
+        if tokens < 0:
+            raise ValueError(f"--ff_chunk must be >= 0 tokens, got {tokens}")
+        for block in self.transformer_blocks:
+            block.ff.chunk_tokens = tokens
+
+    def set_batch_chunk(self, samples: int) -> None:
+        """Run each block over ``samples`` samples at a time (0: the whole batch). With 1, the
+        CFG halves go through a block one after the other (``--cfg_sequential``): half the
+        activations, the same weights in use (a streamed block is loaded once for both), and the
+        time/text conditioning still computed for the whole batch, so its small matmuls run the
+        same kernels as without."""
+        if samples < 0:
+            raise ValueError(f"batch chunk must be >= 0 samples, got {samples}")
+        for block in self.transformer_blocks:
+            block.batch_chunk = samples
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` every block in place: fuses the element-wise work around the matmuls

@@ -39,6 +39,10 @@ class LocalTextEncoder:
         clip = HunyuanClip(clip_dir, max_length=clip_max_length, dtype=torch.float32, device=device)
         return cls(llm, clip, dtype=dtype, cache_size=cache_size)
 
+    def residency_parts(self) -> list[tuple[str, torch.nn.Module, torch.nn.ModuleList | None]]:
+        """(name, module, block list) for ``--offload``: Step-1 streams its layers, CLIP moves whole."""
+        return [("step_llm", self.llm, self.llm.model.transformer["layers"]), ("clip", self.clip, None)]
+
     @property
     def max_lengths(self) -> tuple[int, int]:
         return self.llm.max_length, self.clip.max_length

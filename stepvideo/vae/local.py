@@ -21,6 +21,10 @@ class LocalVAE:
 
         return cls(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, device=device))
 
+    def residency_parts(self) -> list[tuple[str, torch.nn.Module, None]]:
+        """(name, module, block list) for ``--offload``: the VAE moves whole."""
+        return [("vae", self.vae, None)]
+
     @property
     def z_channels(self) -> int:
         return self.vae.config.z_channels
