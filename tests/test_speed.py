@@ -229,9 +229,9 @@ def test_runner_flag_refuses_fp8_on_cpu_before_loading(tiny_model_dir, tmp_path)
     from stepvideo.runner import request_from_args
 
     base = ["--model_dir", tiny_model_dir, "--prompt", "x", "--save_path", str(tmp_path)]
-    assert request_from_args(base).quantize == "none"
-    assert request_from_args([*base, "--quantize", "fp8_weight", "--attn_backend", "flex"]).quantize \
-        == "fp8_weight"
+    assert request_from_args(base).memory.quantize == "none"
+    assert request_from_args([*base, "--quantize", "fp8_weight", "--attn_backend", "flex"]) \
+        .memory.quantize == "fp8_weight"
     proc = subprocess.run([sys.executable, str(ROOT / "run_parallel.py"), *base, "--quantize", "fp8",
                            "--vae_url", "127.0.0.1:9", "--caption_url", "127.0.0.1:9"],
                           capture_output=True, text=True, timeout=120)
