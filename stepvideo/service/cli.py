@@ -17,6 +17,7 @@ from .protocol import DEFAULT_PORT, MAX_LATENT_ELEMENTS, TOKEN_ENV
 from .server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_THREADS,
                      ServerOptions, ServiceConfigError, run_server)
 from ..devices import DTYPE_CHOICES
+from ..vae.local import parse_tile
 from ..weights import CheckpointError
 
 
@@ -60,7 +61,14 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--max_latent_elements", type=int, default=MAX_LATENT_ELEMENTS,
                    help="largest latent tensor (all dims multiplied) one /vae-api request may "
                         "send (422 above it); a 204x544x992 video is 4.86 M")
+    p.add_argument("--vae_tile", default="auto",
+                   help="spatial tiles of the VAE decode: auto (only when an untiled 17-frame chunk "
+                        "would not fit the free memory), off, or N = tile edge in latent pixels")
     a = p.parse_args(argv)
+    try:
+        parse_tile(a.vae_tile)
+    except ValueError as e:
+        p.error(str(e))
     if a.token:
         print(f"warning: --token on the command line is visible to other users (ps, "
               f"/proc/PID/cmdline); set {TOKEN_ENV} or use --token_file instead", file=sys.stderr)
@@ -68,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                          vae_dir=a.vae_dir, host=a.host, port=a.port, device=a.device,
                          dtype=a.dtype, token=a.token, token_file=a.token_file,
                          max_body=int(a.max_body_mb * (1 << 20)), threads=a.threads,
-                         cache_size=a.cache_size, max_latent_elements=a.max_latent_elements)
+                         cache_size=a.cache_size, max_latent_elements=a.max_latent_elements,
+                         vae_tile=a.vae_tile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -436,6 +436,7 @@ class ServerOptions:
     threads: int = DEFAULT_THREADS
     cache_size: int = 64
     max_latent_elements: int = MAX_LATENT_ELEMENTS
+    vae_tile: str = "auto"          # spatial tiles of the VAE decode: auto, off or N (latent px)
 
     def resolved_token(self) -> str | None:
         """``token``, else the stripped contents of ``token_file``, else $STEPVIDEO_API_TOKEN."""
@@ -497,7 +498,7 @@ def build_service(opts: ServerOptions) -> tuple[Any, ServiceModels, Callable[[],
         return models.load_in_background(
             lambda: LocalTextEncoder.from_dirs(dirs["step_llm"], dirs["hunyuan_clip"], dtype,
                                                device, cache_size=opts.cache_size),
-            lambda: LocalVAE.from_dir(dirs["vae"], dtype, device))
+            lambda: LocalVAE.from_dir(dirs["vae"], dtype, device, tile=opts.vae_tile))
 
     return app, models, start_loading
 
