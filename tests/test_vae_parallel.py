@@ -122,15 +122,14 @@ def test_one_frame_is_an_image(tiny_model_dir, tmp_path):
 
 
 def test_vae_parallel_two_ranks_end_to_end(tiny_model_dir, tmp_path):
-    """torchrun with 2 ranks (CFG halves on each), --vae_parallel --vae_tile 2: both ranks decode,
-    rank 0 writes a 34-frame video; the same job without --vae_parallel writes the same frames."""
-    common = ("--num_frames", "34", "--cfg_parallel", "--vae_tile", "2")
-    par = run_cli(local_args(tiny_model_dir, tmp_path / "par", *common, "--vae_parallel"), nproc=2)
+    """torchrun with 2 ranks (CFG halves on each), --vae_parallel --vae_tile 2: both ranks load
+    the VAE and decode their chunk (tiled), rank 0 gathers and writes the 34-frame video. Frame
+    equality with one rank is ``test_two_ranks_give_the_frames_of_one``."""
+    par = run_cli(local_args(tiny_model_dir, tmp_path / "par", "--num_frames", "34",
+                             "--cfg_parallel", "--vae_tile", "2", "--vae_parallel"), nproc=2)
     assert par.returncode == 0, par.stderr[-3000:]
-    one = run_cli(local_args(tiny_model_dir, tmp_path / "one", *common), nproc=2)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, b = (read_frames(next((tmp_path / d).glob("*.mp4"))) for d in ("par", "one"))
-    assert a.shape == (34, 32, 48, 3) and np.array_equal(a, b)
+    a = read_frames(next((tmp_path / "par").glob("*.mp4")))
+    assert a.shape == (34, 32, 48, 3)
     record = json.loads(next((tmp_path / "par").glob("*.json")).read_text())
     assert record["settings"]["vae_parallel"] and record["settings"]["vae_tile"] == "2"
 

@@ -82,10 +82,11 @@ class VideoSize:
                      ("num_frames", num_frames, size.num_frames, FRAMES_PER_CHUNK),
                      ("height", height, size.height, SPATIAL_FACTOR),
                      ("width", width, size.width, SPATIAL_FACTOR)) if asked != got]
-        if size.num_frames == 1 and notes and notes[0].startswith("--num_frames"):
-            notes[0] = (f"--num_frames {num_frames} is below {FRAMES_PER_CHUNK}: one latent frame, "
-                        "decoded to a single image (the release's image mode; written as a "
-                        "1-frame mp4 and a .png)")
+        if size.num_frames == 1:
+            notes = [n for n in notes if not n.startswith("--num_frames")]
+            notes.insert(0, f"--num_frames {num_frames} is below {FRAMES_PER_CHUNK}: one latent "
+                            "frame, decoded to a single image (the release's image mode; written "
+                            "as a 1-frame mp4 and a .png)")
         return size, notes
 
     def latent_shape(self, batch: int, channels: int) -> tuple[int, int, int, int, int]:
