@@ -145,3 +145,18 @@ def test_vae_flags_checked_up_front(tiny_model_dir, tmp_path):
                               capture_output=True, text=True, env=ENV, timeout=120)
         errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and msg in errors[0], proc.stderr[-2000:]
+
+
+def test_gpu_vae_benchmark_runs_tiny_on_cpu(tmp_path):
+    """benchmark/gpu_vae.py, the prepared H200 script, end to end at tiny size on the CPU."""
+    import runpy
+
+    out = tmp_path / "gpu_vae.json"
+    mod = runpy.run_path(str(ROOT / "benchmark" / "gpu_vae.py"))
+    rc = mod["main"](["--tiny", "--device", "cpu", "--latent_frames", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and not result["errors"], result["errors"]
+    first = result["sizes"][0]
+    assert first["frames"] == 18 and set(first["chunk"]) == {"untiled", "tile2"}
+    assert len(first["two_ranks_emulated"]["rank_seconds"]) == 2
+    assert first["streamed_to_mp4"]["frames"] == 18

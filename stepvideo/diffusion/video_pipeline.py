@@ -313,8 +313,9 @@ class StepVideoPipeline:
         soon as it is decoded, so the video is never whole in memory. Times the pulls as
         ``vae_decode`` and the writes as ``write``. ``total_frames`` picks the contact-sheet
         frames in advance. One frame (image mode) is written as a 1-frame mp4 and ``stem``.png
-        holding the frame itself. Returns (paths, (frames, H, W) per sample)."""
-        from ..video_io import VideoWriter, contact_sheet as write_sheet, save_image, sheet_indices
+        holding the frame itself (cropped like the video). Returns (paths, (frames, H, W) per sample)."""
+        from ..video_io import (VideoWriter, contact_sheet as write_sheet, crop_540p, save_image,
+                                sheet_indices)
 
         keep = sheet_indices(total_frames) if contact_sheet or total_frames == 1 else []
         self.times["vae_decode"] = self.times["write"] = 0.0
@@ -334,7 +335,9 @@ class StepVideoPipeline:
         paths = {"video": writer.path}
         with self.stage("push"):
             if total_frames == 1:
-                paths["image"] = save_image(writer.kept[0], stem + ".png")
+                image = writer.kept[0]
+                paths["image"] = save_image(crop_540p(image[None])[0] if crop else image,
+                                            stem + ".png")
                 if contact_sheet:
                     paths["contact_sheet"] = paths["image"]
             elif contact_sheet:
