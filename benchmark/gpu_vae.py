@@ -32,7 +32,7 @@ from stepvideo.vae.vae import LATENTS_PER_CHUNK, AutoencoderKL, VAEConfig, decod
 from stepvideo.video_io import VideoWriter, uint8_per_sample
 
 FULL_SIZES = [(544, 992), (768, 768)]
-TINY_SIZES = [(32, 48), (48, 48)]
+TINY_SIZES = [(32, 48)]          # one size keeps the CPU test short
 
 
 def rss_gib(field: str = "VmHWM") -> float:

@@ -47,9 +47,11 @@ def parse_tile(value: str | int | None) -> str | int | None:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes a decode on ``device`` may use: free CUDA memory, or available host memory."""
+    """Bytes a decode on ``device`` may use: free CUDA memory plus what PyTorch's allocator holds
+    unused (after denoising it caches much of the DiT's activations), or available host memory."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
