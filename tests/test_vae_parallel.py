@@ -160,3 +160,17 @@ def test_gpu_vae_benchmark_runs_tiny_on_cpu(tmp_path):
     assert first["frames"] == 18 and set(first["chunk"]) == {"untiled", "tile2"}
     assert len(first["two_ranks_emulated"]["rank_seconds"]) == 2
     assert first["streamed_to_mp4"]["frames"] == 18
+
+
+def test_replicas_give_the_frames_of_one_device(vae, vae_dir):
+    """The service's --devices: replicas decode a round of chunks at once (here two on the CPU);
+    the pieces are those of one device."""
+    two = LocalVAE(vae.vae, replicas=[LocalVAE.from_dir(vae_dir, torch.float32, "cpu").vae])
+    latents = torch.randn(1, 7, vae.z_channels, 2, 2, generator=torch.Generator().manual_seed(2))
+    got, want = list(two.iter_uint8(latents)), list(vae.iter_uint8(latents))
+    assert [p.shape[1] for p in got] == [p.shape[1] for p in want] == [16, 17, 2]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    from stepvideo.service.cli import parse_args
+
+    opts = parse_args(["--model_dir", "m", "--devices", "cuda:0, cuda:1", "--vae_tile", "off"])
+    assert (opts.device, opts.devices, opts.vae_tile) == ("cuda:0", ("cuda:0", "cuda:1"), "off")

@@ -64,11 +64,18 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--vae_tile", default="auto",
                    help="spatial tiles of the VAE decode: auto (only when an untiled 17-frame chunk "
                         "would not fit the free memory), off, or N = tile edge in latent pixels")
+    p.add_argument("--devices", default="",
+                   help="comma-separated devices for the VAE (e.g. cuda:0,cuda:1): a replica on "
+                        "each decodes its share of the chunks at once, with the frames of one device; the "
+                        "first also holds the caption models (it replaces --device)")
     a = p.parse_args(argv)
     try:
         parse_tile(a.vae_tile)
     except ValueError as e:
         p.error(str(e))
+    devices = tuple(d.strip() for d in a.devices.split(",") if d.strip())
+    if devices:
+        a.device = devices[0]
     if a.token:
         print(f"warning: --token on the command line is visible to other users (ps, "
               f"/proc/PID/cmdline); set {TOKEN_ENV} or use --token_file instead", file=sys.stderr)
@@ -77,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                          dtype=a.dtype, token=a.token, token_file=a.token_file,
                          max_body=int(a.max_body_mb * (1 << 20)), threads=a.threads,
                          cache_size=a.cache_size, max_latent_elements=a.max_latent_elements,
-                         vae_tile=a.vae_tile)
+                         vae_tile=a.vae_tile, devices=devices)
 
 
 def main(argv: list[str] | None = None) -> int:

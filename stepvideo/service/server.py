@@ -437,6 +437,7 @@ class ServerOptions:
     cache_size: int = 64
     max_latent_elements: int = MAX_LATENT_ELEMENTS
     vae_tile: str = "auto"          # spatial tiles of the VAE decode: auto, off or N (latent px)
+    devices: tuple[str, ...] = ()   # further VAE replicas: chunks decoded on all at once
 
     def resolved_token(self) -> str | None:
         """``token``, else the stripped contents of ``token_file``, else $STEPVIDEO_API_TOKEN."""
@@ -498,7 +499,8 @@ def build_service(opts: ServerOptions) -> tuple[Any, ServiceModels, Callable[[],
         return models.load_in_background(
             lambda: LocalTextEncoder.from_dirs(dirs["step_llm"], dirs["hunyuan_clip"], dtype,
                                                device, cache_size=opts.cache_size),
-            lambda: LocalVAE.from_dir(dirs["vae"], dtype, device, tile=opts.vae_tile))
+            lambda: LocalVAE.from_dir(dirs["vae"], dtype, device, tile=opts.vae_tile,
+                                      devices=opts.devices))
 
     return app, models, start_loading
 

@@ -61,21 +61,27 @@ class LocalVAE:
 
     ``tile``: None (untiled), an edge in latent pixels, or 'auto' (tile only when an untiled chunk
     would not fit the free memory, ``auto_tile_size``). ``tile_overlap``: latent pixels (default
-    a quarter of the tile)."""
+    a quarter of the tile). ``replicas``: copies of the VAE on further devices (the service's
+    ``--devices``); ``iter_uint8`` then decodes that many chunks at once, one per device, with the
+    frames of one device."""
 
-    def __init__(self, vae, tile: str | int | None = None, tile_overlap: int | None = None):
+    def __init__(self, vae, tile: str | int | None = None, tile_overlap: int | None = None,
+                 replicas=()):
         self.vae = vae
         self.tile = parse_tile(tile)
         self.tile_overlap = tile_overlap
+        self.replicas = [vae, *replicas]
 
     @classmethod
     def from_dir(cls, vae_dir: str, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu", tile: str | int | None = None,
-                 tile_overlap: int | None = None) -> "LocalVAE":
+                 tile_overlap: int | None = None, devices=()) -> "LocalVAE":
+        """Load on ``device``, plus one replica on each further device in ``devices``."""
         from .vae import AutoencoderKL
 
-        return cls(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, device=device), tile,
-                   tile_overlap)
+        extra = [d for d in devices if torch.device(d) != torch.device(device)]
+        load = lambda d: AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, device=d)  # noqa: E731
+        return cls(load(device), tile, tile_overlap, [load(d) for d in extra])
 
     @property
     def z_channels(self) -> int:
@@ -99,8 +105,34 @@ class LocalVAE:
     @torch.inference_mode()
     def iter_uint8(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """uint8 (B, n, H, W, 3) pieces, one per chunk, as they are decoded and seam-blended."""
+        if len(self.replicas) > 1:
+            yield from self._iter_uint8_replicas(latents)
+            return
         for piece in self.vae.iter_decode(latents, *self.tiles_for(latents)):
             yield uint8_per_sample(piece.cpu())
+
+    def _iter_uint8_replicas(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``iter_uint8`` with one chunk per replica at a time (threads: the kernels run
+        concurrently on their devices), seams blended in order on the first device."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunks = latents.split(LATENTS_PER_CHUNK, dim=1)
+        tiles = self.tiles_for(latents)
+        held = None
+
+        def decode(job):
+            vae, chunk = job
+            with torch.inference_mode():
+                return decoded_uint8(vae, chunk, tiles)
+
+        with ThreadPoolExecutor(len(self.replicas)) as pool:
+            for start in range(0, len(chunks), len(self.replicas)):
+                batch = chunks[start:start + len(self.replicas)]
+                for i, (frames, edges) in enumerate(pool.map(decode, zip(self.replicas, batch))):
+                    edges = edges.to(self.vae.device, self.vae.dtype)
+                    piece, held = seam_pieces(frames, edges, held,
+                                              last=start + i + 1 == len(chunks))
+                    yield piece
 
     def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(self.iter_uint8(latents)), dim=1)
@@ -128,10 +160,9 @@ class LocalVAE:
             frames = torch.zeros(b, FRAMES_PER_CHUNK, hh, ww, 3, dtype=torch.uint8)
             edges = torch.zeros(b, 2, 3, hh, ww)        # float32 holds the VAE's dtype exactly
             if k < len(chunks):
-                x = vae.decode_chunk(chunks[k], *tiles)                     # (B, n, 3, H, W)
-                frames[:, :x.shape[1]] = uint8_per_sample(x.cpu())
-                edges = torch.cat([x[:, :1], x[:, -1:]], dim=1).float().cpu()
-                del x
+                mine, edges = decoded_uint8(vae, chunks[k], tiles)
+                frames[:, :mine.shape[1]] = mine
+                del mine
             got_frames = comm.gather_to_main(frames, device)
             got_edges = comm.gather_to_main(edges, device)
             if got_frames is None:
@@ -143,6 +174,13 @@ class LocalVAE:
                 piece, held = seam_pieces(got_frames[i][:, :n].cpu(), edges, held,
                                           last=k + 1 == len(chunks))
                 yield piece
+
+
+def decoded_uint8(vae, chunk: torch.Tensor, tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk decoded without blending: uint8 frames (B, n, H, W, 3) on the CPU and its first
+    and last frames (B, 2, 3, H, W) as float32 (exact for the VAE's dtype), for ``seam_pieces``."""
+    x = vae.decode_chunk(chunk, *tiles)                                     # (B, n, 3, H, W)
+    return uint8_per_sample(x.cpu()), torch.cat([x[:, :1], x[:, -1:]], dim=1).float().cpu()
 
 
 def chunk_frames(latent_frames: int) -> int:
