@@ -32,6 +32,7 @@ from .fileio import write_json_atomic
 from .memory_plan import MemoryOptions, add_memory_args, memory_options
 from .modules.attention import NAMES as ATTN_BACKENDS
 from .parallel import LaunchEnv, ParallelConfig, setup_parallel
+from .vae.local import parse_tile
 from .weights import CheckpointError, read_json
 
 
@@ -76,6 +77,8 @@ class GenerationRequest:
     compile: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     memory: MemoryOptions = field(default_factory=MemoryOptions)  # --offload, --quantize & co
+    vae_tile: str = "auto"
+    vae_parallel: bool = False
 
     @property
     def size(self) -> VideoSize:
@@ -112,6 +115,14 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
                         "no service")
     g.add_argument("--encoder_device", default="auto",
                    help="device of the in-process (local) encoders/VAE; auto = rank 0's DiT device")
+    g.add_argument("--vae_tile", default="auto",
+                   help="spatial tiles of the in-process VAE decode: auto (only when an untiled "
+                        "17-frame chunk would not fit the free memory), off, or N = tile edge in "
+                        "latent pixels (16N px, overlap N/4)")
+    g.add_argument("--vae_parallel", action="store_true",
+                   help=f"with --vae_url {LOCAL}: every rank loads the VAE and decodes its share "
+                        "of the chunks after denoising; rank 0 gathers uint8 frames (the same "
+                        "frames as one rank)")
     g.add_argument("--encoder_dtype", default="auto", choices=DTYPE_CHOICES,
                    help="dtype of the in-process encoders/VAE (CLIP runs in float32); auto = "
                         "bfloat16 on CUDA, float32 on CPU. The service's default is bfloat16")
@@ -232,7 +243,7 @@ def request_from_namespace(a: argparse.Namespace) -> GenerationRequest:
         parallel_backend=a.parallel_backend, attn_backend=a.attn_backend, device=a.device,
         dtype=a.dtype, denoise_filter=not a.no_denoise_filter, crop_540p=not a.no_crop,
         preset=a.preset, compile=a.compile, cache=cache_from_namespace(a),
-        memory=memory_options(a))
+        memory=memory_options(a), vae_tile=a.vae_tile, vae_parallel=a.vae_parallel)
 
 
 def cache_from_namespace(a: argparse.Namespace) -> CacheConfig:
@@ -260,9 +271,12 @@ def check_request(req: GenerationRequest):
     if req.time_shift <= 0:
         raise PreflightError(f"--time_shift must be > 0, got {req.time_shift}")
     try:
-        _, notes = VideoSize.checked(req.num_frames, req.height, req.width)
+        size, notes = VideoSize.checked(req.num_frames, req.height, req.width)
+        parse_tile(req.vae_tile)
     except ValueError as e:
         raise PreflightError(str(e)) from e
+    if req.vae_parallel and req.vae_url != LOCAL:
+        raise PreflightError(f"--vae_parallel decodes on the job's ranks: it needs --vae_url {LOCAL}")
     if req.cfg_scale < 0:
         notes.append(f"--cfg_scale {req.cfg_scale} is negative: guidance pushes away from the "
                      "prompt (the release uses 9.0, Turbo 5.0)")
@@ -378,7 +392,7 @@ class VideoGenerator:
         self.pipe = StepVideoPipeline(self._load(req), load_scheduler(req.model_dir))
         self.load_seconds = time.perf_counter() - t0
         self.load_times = {"load_transformer": self.load_seconds}
-        if self.ctx.is_main:
+        if self.ctx.is_main or req.vae_parallel:
             self._attach_backends(req)
         self.pipe.place(self.memory.offload, self.device, encoders=self._encoders_here(req))
 
@@ -399,15 +413,23 @@ class VideoGenerator:
         return resolved
 
     def _attach_backends(self, req: GenerationRequest) -> None:
-        """Rank 0's text encoder and VAE: the service's clients, or the models in this process."""
+        """Rank 0's text encoder and VAE: the service's clients, or the models in this process.
+        With ``--vae_parallel`` the other ranks load only the VAE, on their own device."""
         from .service import replicas
 
         device = self.device if req.encoder_device == "auto" else resolve_device(req.encoder_device)
         dtype = resolve_dtype(req.encoder_dtype, device)
         if self.memory.offloaded and self._encoders_here(req):
             device = torch.device("cpu")  # the residency plan moves them to the GPU per stage
+        vae_device = self.device if req.vae_parallel else device  # parallel: each rank's own GPU
         dirs = local_part_dirs(req)
         t0 = time.perf_counter()
+        if not self.ctx.is_main:  # --vae_parallel
+            from .vae.local import LocalVAE
+
+            self.pipe.vae = LocalVAE.from_dir(dirs["vae"], resolve_dtype(req.encoder_dtype, vae_device),
+                                              vae_device, tile=req.vae_tile)
+            return
         if req.caption_url == LOCAL:
             from .text_encoder.local import LocalTextEncoder
 
@@ -422,7 +444,8 @@ class VideoGenerator:
         if req.vae_url == LOCAL:
             from .vae.local import LocalVAE
 
-            self.pipe.vae = LocalVAE.from_dir(dirs["vae"], dtype, device)
+            self.pipe.vae = LocalVAE.from_dir(dirs["vae"], resolve_dtype(req.encoder_dtype, vae_device),
+                                              vae_device, tile=req.vae_tile)
         else:
             self.pipe.vae = replicas.vae(req.vae_url)
         if local_parts(req):
@@ -484,24 +507,33 @@ class VideoGenerator:
                         cache=req.cache, reduce=functools.partial(self.ctx.all_reduce_sum,
                                                                   device=self.device),
                         on_step=on_step)
-        if not self.ctx.is_main:
+        if req.vae_parallel:
+            x = self.ctx.broadcast_tensor(x.float().contiguous(), self.device).float().cpu()
+            pieces = pipe.vae.iter_uint8_shared(x, self.ctx, self.device)
+            if not self.ctx.is_main:
+                for _ in pieces:  # this rank's share; rank 0 gathers and writes
+                    pass
+                return None
+        elif not self.ctx.is_main:
             return None
+        else:
+            pieces = pipe.uint8_pieces(x)
         stem = output_stem(req)
-        frames = self._decode(x, stem)
-        paths = pipe.write(frames, stem, req.denoise_filter, req.crop_540p, req.contact_sheet)
+        paths, shape = self._write(x, pieces, stem, req)
         times = {**self.load_times, **pipe.times}
-        record = sidecar(req, self, times, paths, frames.shape[1:4], pipe.cache_stats)
+        record = sidecar(req, self, times, paths, shape, pipe.cache_stats)
         paths["sidecar"] = write_json_atomic(stem + ".json", record)
         record["outputs"] = paths
         return record
 
-    def _decode(self, latents: torch.Tensor, stem: str) -> torch.Tensor:
-        """Decode through the VAE backend; if that fails, keep the denoised latents on disk so the
-        expensive part is not lost, and say where they are."""
+    def _write(self, latents: torch.Tensor, pieces, stem: str, req: GenerationRequest):
+        """Decode and write, streamed (``pipe.write_stream``); if the VAE service fails, keep the
+        denoised latents on disk so the expensive part is not lost, and say where they are."""
         from .service.client import ServiceError
 
         try:
-            return self.pipe.decode_uint8(latents)
+            return self.pipe.write_stream(pieces, stem, req.size.decoded_frames, req.denoise_filter,
+                                          req.crop_540p, req.contact_sheet)
         except ServiceError as e:
             from safetensors.torch import save_file
 

@@ -113,30 +113,84 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
 
 # --- writers --------------------------------------------------------------------------------
 
+class VideoWriter:
+    """An H.264 mp4 written piece by piece, so the whole video never has to be in memory.
+
+    ``write(frames)`` takes uint8 (F, H, W, 3) or (B, F, H, W, 3) (batch stacked along the height)
+    or float (B, F, 3, H, W); every piece is converted, cropped and padded exactly as
+    ``save_video`` does it, and ffmpeg sees the same frame stream, so the file is byte-identical to
+    writing the whole video at once. ``keep`` lists frame indices to retain (e.g. for a contact
+    sheet): ``kept`` maps them to their frames as given (batch stacked, not cropped). The file appears atomically on ``close``;
+    leaving the ``with`` block on an exception discards it.
+    """
+
+    def __init__(self, path: str, fps: int = FPS, denoise: bool = True, crop: bool = True,
+                 keep=()):
+        self.path, self.fps, self.denoise, self.crop = os.fspath(path), fps, denoise, crop
+        self.keep, self.kept, self.frames = set(keep), {}, 0
+        self._atomic = self._writer = None
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(discard=exc_type is not None)
+
+    def _start(self, height: int, width: int) -> None:
+        import imageio_ffmpeg
+
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        output_params = ["-vf", DENOISE_FILTER] if self.denoise else []
+        self._writer = imageio_ffmpeg.write_frames(
+            tmp, (width, height), fps=self.fps, codec=CODEC, pix_fmt_out=PIX_FMT,
+            macro_block_size=1, ffmpeg_log_level="error", output_params=output_params)
+        self._writer.send(None)  # start ffmpeg
+        self.size = (height, width)
+
+    def write(self, video) -> None:
+        frames = as_frames(video)
+        for i in self.keep.intersection(range(self.frames, self.frames + len(frames))):
+            self.kept[i] = frames[i - self.frames].copy()
+        frames = pad_to_even(crop_540p(frames) if self.crop else frames)
+        if self._writer is None:
+            self._start(*frames.shape[1:3])
+        elif frames.shape[1:3] != self.size:
+            raise ValueError(f"frames of {frames.shape[1:3]} after {self.size}: every piece of a "
+                             "video must have the same size")
+        for frame in frames:
+            self._writer.send(np.ascontiguousarray(frame))
+        self.frames += len(frames)
+
+    def close(self, discard: bool = False) -> str:
+        """Finish the file (or drop it with ``discard``) and return its path."""
+        if self._writer is None:
+            if not discard:
+                raise ValueError(f"no frames were written to {self.path}")
+            return self.path
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()
+        finally:
+            error = RuntimeError("discarded") if discard else None
+            if error is None:
+                self._atomic.__exit__(None, None, None)
+            else:
+                self._atomic.__exit__(type(error), error, None)
+        return self.path
+
+
 def save_video(video, path: str, fps: int = FPS, denoise: bool = True, crop: bool = True) -> str:
     """Write an H.264 mp4 and return ``path``.
 
     ``video``: a float tensor (B, F, 3, H, W) in ~[-1, 1] (converted and, with ``crop``,
     centre-cropped here) or an already post-processed uint8 array (F, H, W, 3), e.g. from the VAE
-    service (cropped too when ``crop``; the crop of an already cropped video is a no-op).
+    service (cropped too when ``crop``; the crop of an already cropped video is a no-op). For
+    pieces arriving one at a time use :class:`VideoWriter`.
     """
-    import imageio_ffmpeg
-
-    frames = pad_to_even(as_frames(video, crop=crop))
-    height, width = frames.shape[1:3]
-    output_params = ["-vf", DENOISE_FILTER] if denoise else []
-    path = os.fspath(path)
-    with atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            tmp, (width, height), fps=fps, codec=CODEC, pix_fmt_out=PIX_FMT,
-            macro_block_size=1, ffmpeg_log_level="error", output_params=output_params)
-        writer.send(None)  # start ffmpeg
-        try:
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-        finally:
-            writer.close()
-    return path
+    with VideoWriter(path, fps, denoise, crop) as writer:
+        writer.write(video)
+    return writer.path
 
 
 SHEET_GAP = 4             # pixels between and around tiles
@@ -144,15 +198,30 @@ SHEET_LABEL = 14          # pixel strip under each tile holding its frame index
 SHEET_BACKGROUND = (24, 24, 24)
 
 
-def contact_sheet(frames, path: str, n: int = 8, cols: int = 4) -> str:
+def sheet_indices(total: int, n: int = 8) -> list[int]:
+    """The ``n`` evenly spaced frame indices (first and last included) a contact sheet shows."""
+    if n < 1 or total < 1:
+        raise ValueError(f"n and the frame count must be >= 1, got n={n}, total={total}")
+    return [int(i) for i in np.linspace(0, total - 1, min(n, total)).round().astype(int)]
+
+
+def contact_sheet(frames, path: str, n: int = 8, cols: int = 4, indices=None) -> str:
     """A PNG grid of ``n`` evenly spaced frames (first and last included), ``cols`` per row, each
-    tile separated by a dark gap and labelled with its frame index underneath."""
+    tile separated by a dark gap and labelled with its frame index underneath.
+
+    With ``indices`` (``sheet_indices`` of the whole video), ``frames`` are only those frames,
+    e.g. ``VideoWriter.kept`` of a streamed video."""
     from PIL import Image, ImageDraw, ImageFont
 
     frames = as_frames(frames)
     if n < 1 or cols < 1:
         raise ValueError(f"n and cols must be >= 1, got n={n}, cols={cols}")
-    picks = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
+    if indices is None:
+        picks = sheet_indices(len(frames), n)
+    else:
+        picks = list(indices)
+        if len(picks) != len(frames):
+            raise ValueError(f"{len(picks)} indices for {len(frames)} frames")
     cols = min(cols, len(picks))
     rows = math.ceil(len(picks) / cols)
     height, width = frames.shape[1:3]
@@ -162,11 +231,21 @@ def contact_sheet(frames, path: str, n: int = 8, cols: int = 4) -> str:
     draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     for i, idx in enumerate(picks):
         x, y = g + (i % cols) * (width + g), g + (i // cols) * (height + label + g)
-        sheet.paste(Image.fromarray(frames[idx]), (x, y))
+        sheet.paste(Image.fromarray(frames[i if indices is not None else idx]), (x, y))
         draw.text((x + 2, y + height + 2), f"frame {idx}", fill=(235, 235, 235), font=font)
     path = os.fspath(path)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
+    return path
+
+
+def save_image(frame, path: str) -> str:
+    """One uint8 frame (H, W, 3) as a PNG (the output of a one-frame, image-mode generation)."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
     return path
 
 

@@ -146,7 +146,7 @@ def test_sampling_values_checked_before_loading(model_dir, tmp_path):
     base = ["--model_dir", model_dir, "--vae_url", "127.0.0.1:9", "--caption_url", "127.0.0.1:9",
             "--prompt", "x", "--save_path", str(tmp_path / "o")]
     _one_line_error(run_cli([*base, "--infer_steps", "0"]), r"--infer_steps must be >= 1, got 0")
-    _one_line_error(run_cli([*base, "--num_frames", "5"]), r"--num_frames 5 is below 17")
+    _one_line_error(run_cli([*base, "--num_frames", "0"]), r"--num_frames 0 must be >= 1")
     _one_line_error(run_cli([*base, "--height", "10"]), r"--height 10 is below 16 pixels")
     _, notes = check_request(request_from_args([*base, "--height", "70", "--num_frames", "40",
                                                 "--cfg_scale", "-1"]))

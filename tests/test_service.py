@@ -183,7 +183,7 @@ def test_wrong_dtype_and_shape_get_422(server):
         "int": (latents(2).long(), "dtype"),
         "channels": (torch.randn(1, 3, Z // 4, 2, 2), f"(B, frames, {Z}, h, w)"),
         "4-dim": (torch.randn(3, Z, 2, 2), f"(B, frames, {Z}, h, w)"),
-        "frames": (torch.randn(1, 4, Z, 2, 2), "multiple of 3"),
+        "frames": (torch.randn(1, 0, Z, 2, 2), "every size >= 1"),
         "batch": (torch.randn(MAX_VAE_BATCH + 1, 3, Z, 1, 1), f"at most {MAX_VAE_BATCH} videos"),
         "elements": (torch.zeros(1, 3, Z, 1, MAX_LATENT // (3 * Z) + 1, dtype=torch.bfloat16),
                      f"max_latent_elements={MAX_LATENT}"),
@@ -194,6 +194,10 @@ def test_wrong_dtype_and_shape_get_422(server):
         assert words in r.json()["error"], (name, r.json())
     r = post(server + "/vae-api", VAERequest(latents(2), output="png").to_bytes())
     assert r.status_code == 422
+    for f, frames in ((1, 1), (4, 18)):   # the release's rule for short chunks (8t - 7 frames)
+        r = post(server + "/vae-api", VAERequest(torch.randn(1, f, Z, 2, 2), output="uint8").to_bytes())
+        assert r.status_code == 200, r.text
+        assert VAEResponse.from_bytes(r.content).video.shape == (1, frames, 32, 32, 3)
     r = post(server + "/caption-api", CaptionRequest(()).to_bytes())
     assert r.status_code == 422 and "prompts" in r.json()["error"]
     limits = requests.get(server + "/info", timeout=5).json()["limits"]

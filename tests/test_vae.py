@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from stepvideo.conformance import assert_close, load_json, load_tensors
 from stepvideo.vae.vae import (CHECKPOINT_RENAMES, AutoencoderKL, VAEConfig, blend_seam,
-                               state_dict_for_checkpoint)
+                               decoded_frames, state_dict_for_checkpoint)
 from stepvideo.weights import CheckpointError, load_state_dict_strict, rename_keys
 
 
@@ -149,6 +149,102 @@ def test_iter_decode_equals_decode(model, io, decode2):
     assert sum(f for _, f in calls) == n * model.frame_len
 
 
+# ---- every latent length the release decodes -------------------------------------------------
+
+# The release's rule (stepfun-ai/Step-Video-T2V@675e08c, stepvideo/vae/vae.py, AutoencoderKL.decode
+# and mix): ``chunks = z.split(3, dim=1)``, so the last chunk may hold 1 or 2 latent frames; every
+# chunk goes through the same causal decoder (t latent frames -> 2t-1 after the unpatchify shuffle,
+# which drops 1 frame in front -> x2 -> x2 -> drop 3 in front: 8t-7 frames), the outputs are
+# concatenated and ``mix`` blends frames (17k-1, 17k) for every k with 17k < F. The pipeline asks
+# for max(num_frames // 17 * 3, 1) latent frames, so --num_frames < 17 gives 1 latent frame -> 1
+# frame. Because every layer of the decoder is causal in time (zero frames padded in front,
+# per-frame GroupNorm, attention causal over (t, h, w)), a short chunk decodes to the first frames
+# of the full chunk it is a prefix of: the kit's goldens pin the short chunks too.
+RELEASE_FRAMES = {1: 1, 2: 9, 3: 17, 4: 18, 5: 26, 6: 34, 7: 35, 36: 204}
+
+
+def test_decoded_frame_counts_follow_the_release():
+    assert {t: decoded_frames(t) for t in RELEASE_FRAMES} == RELEASE_FRAMES
+    with pytest.raises(ValueError, match="latent frame count must be >= 1"):
+        decoded_frames(0)
+
+
+@pytest.mark.parametrize("case,latent_frames", [("decode1", 1), ("decode2", 4)])
+def test_short_last_chunk_matches_the_kit(model, io, tol, case, latent_frames):
+    """1 latent frame -> the first frame of the kit's decode; 4 -> 18 frames = the kit's 2-chunk
+    decode up to the first frame of chunk 1, seam blend included."""
+    video = model.decode(io[f"{case}_latent"][:, :latent_frames])
+    frames = RELEASE_FRAMES[latent_frames]
+    assert video.shape[1] == frames
+    check(video, io[f"{case}_video"][:, :frames], tol, f"{case} first {latent_frames} latent frames")
+
+
+# ---- spatial tiles -----------------------------------------------------------------------------
+
+# Tiled vs untiled on the kit's random-weight VAE (one latent frame of 4 x 6, tile 4 with the
+# default overlap 1 -> 2 tiles overlapping by 2 latent pixels = 32 px): measured float max 1.27 /
+# mean 0.13 on values up to |4.8|, uint8 max 156 / mean 13 (see the README for more tile sizes).
+# Random weights make the causal mid-block attention (which a tile restricts to its own tokens)
+# and every conv at a tile border count fully, so this bound is a regression guard for the blend,
+# not a statement about the released weights.
+TILE_BOUND = {"max": 2.0, "mean": 0.25}
+
+
+@pytest.fixture(scope="module")
+def image_latent():
+    return torch.randn(1, 1, 4, 4, 6, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def image_ref(model, image_latent):
+    return model.decode(image_latent)
+
+
+def test_tile_covering_the_latent_is_exact(model, image_latent, image_ref):
+    assert torch.equal(model.decode(image_latent, tile_size=6), image_ref)
+
+
+def test_tiled_decode_within_bound(model, image_latent, image_ref):
+    from stepvideo.video_io import uint8_per_sample
+
+    tiled = model.decode(image_latent, tile_size=4)
+    err = (tiled - image_ref).abs()
+    u8 = (uint8_per_sample(tiled).int() - uint8_per_sample(image_ref).int()).abs()
+    print(f"tile 4 on 4x6: float max {err.max():.3g} mean {err.mean():.3g}; uint8 max {u8.max()} "
+          f"mean {u8.float().mean():.3g}")
+    assert err.max() <= TILE_BOUND["max"] and err.mean() <= TILE_BOUND["mean"]
+    # Away from the overlap (columns 0-31 px and 64-95 px) each pixel comes from one tile only.
+    solo = model.decode(image_latent[..., :4], tile_size=4)
+    assert torch.equal(tiled[..., :32], solo[..., :32])
+
+
+def test_tile_layout_and_blend_weights():
+    """Windows spread evenly with at least the overlap; the linear ramps of neighbours sum to 1."""
+    from stepvideo.vae.vae import tile_ramp, tile_starts
+
+    assert tile_starts(6, 4, 1) == [0, 2] and tile_starts(5, 8, 2) == [0]
+    assert tile_starts(62, 24, 6) == [0, 13, 25, 38] and tile_starts(34, 24, 6) == [0, 10]
+    for length, tile, overlap in ((6, 4, 1), (62, 24, 6), (15, 8, 2), (9, 4, 0)):
+        starts = tile_starts(length, tile, overlap)
+        total = torch.zeros(length * 16)
+        for i, s in enumerate(starts):
+            total[s * 16:(s + tile) * 16] += tile_ramp(starts, i, tile, length, 16)
+        if all(b >= a + tile - (b - a) for a, b in zip(starts, starts[1:])) or len(starts) < 3:
+            assert torch.allclose(total, torch.ones_like(total)), (length, tile, overlap)
+        assert (total > 0).all()
+
+
+def test_tiled_encode(model, io):
+    """Encoding in 2 x 2 tiles of 48 px (overlap 32 px) against the kit's untiled moments:
+    measured max 1.07, mean 0.196 (|moments| mean 0.45) on the random-weight VAE."""
+    tiled = model.encode_moments(io["decode1_video"], tile_size=3, tile_overlap=1)
+    err = (tiled - io["encode_moments"]).abs()
+    print(f"encode tile 3/4: moments max {err.max():.3g} mean {err.mean():.3g} "
+          f"(|moments| mean {io['encode_moments'].abs().mean():.3g})")
+    assert tiled.shape == io["encode_moments"].shape
+    assert err.max() <= 1.6 and err.mean() <= 0.3
+
+
 # ---- full-size structure and checkpoint names --------------------------------------------------
 
 def test_full_size_keys_shapes_and_checkpoint_names():
@@ -255,14 +351,18 @@ def test_config(tmp_path):
 def test_bad_inputs(model):
     zc = model.config.z_channels
     c = model.config.in_channels
-    with pytest.raises(ValueError, match=r"latent frame count 4 .*multiple of 3"):
-        model.decode(torch.zeros(1, 4, zc, 2, 2))
+    with pytest.raises(ValueError, match=r"empty: frames, h and w must be >= 1"):
+        model.decode(torch.zeros(1, 0, zc, 2, 2))
+    with pytest.raises(ValueError, match=r"tile_size must be >= 2"):
+        model.decode(torch.zeros(1, 1, zc, 2, 2), tile_size=1)
+    with pytest.raises(ValueError, match=r"tile_overlap must be in \[0, tile_size=4\), got 4"):
+        model.decode(torch.zeros(1, 1, zc, 2, 2), tile_size=4, tile_overlap=4)
     with pytest.raises(ValueError, match=rf"{zc + 1} channels .*z_channels={zc}"):
         model.decode(torch.zeros(1, 3, zc + 1, 2, 2))
     with pytest.raises(ValueError, match="5 dims"):
         model.decode(torch.zeros(3, zc, 2, 2))
-    with pytest.raises(ValueError, match=r"latent frame count 4"):
-        next(model.iter_decode(torch.zeros(1, 4, zc, 2, 2)))
+    with pytest.raises(ValueError, match=r"empty"):
+        next(model.iter_decode(torch.zeros(1, 3, zc, 0, 2)))
     with pytest.raises(ValueError, match=r"frame count 16 .*multiple of 17"):
         model.encode(torch.zeros(1, 16, c, 16, 16))
     with pytest.raises(ValueError, match=rf"{c + 1} channels .*in_channels={c}"):
@@ -322,3 +422,17 @@ def test_decoder_width_must_hold_the_latent():
 
     with pytest.raises(ValueError, match=r"top width .* = 32 must be >= 4 x z_channels = 64"):
         VAEConfig(z_channels=16, decoder_ch=32, decoder_ch_mult=(1, 1, 2, 1))
+
+
+def test_tiled_decode_memory_is_flat_in_the_latent_size(model):
+    """A latent 4x the tile's area decodes tile by tile: peak live bytes are those of one tile plus
+    the float32 output and the weight map, not those of the whole latent."""
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(1, 1, 4, 4, 4, generator=g)
+    large = torch.randn(1, 1, 4, 8, 8, generator=g)
+    peak_small = peak_cpu_bytes(lambda: model.decode(small, tile_size=4, tile_overlap=0))
+    peak_large = peak_cpu_bytes(lambda: model.decode(large, tile_size=4, tile_overlap=0))
+    px = large.shape[-2] * large.shape[-1] * 16 * 16
+    out = px * (3 * 4 * 3 + 4)       # float32 accumulator, result and decode() output; weights
+    print(f"peak: tile 4 on 4x4 {peak_small / 2**20:.2f} MiB, on 8x8 {peak_large / 2**20:.2f} MiB")
+    assert peak_large <= 1.1 * peak_small + out

@@ -175,3 +175,36 @@ def test_contact_sheet(tmp_path):
     assert not np.array_equal(*strips)                                        # "frame 0" vs "frame 1"
     with Image.open(contact_sheet(frames[:3], tmp_path / "few.png", n=8, cols=4)) as few:
         assert few.size == (3 * 30 + 4 * g, 20 + label + 2 * g)  # fewer frames than n: one row
+
+
+def test_streamed_writer_gives_the_same_file(tmp_path):
+    """Pieces of uneven length (as the VAE yields them: 16, 17, ... frames) through VideoWriter give
+    the byte-identical file of save_video on the whole video: same crop, padding and denoise
+    filter, the same frame stream into ffmpeg. A batch of 2 is stacked along the height per piece."""
+    from stepvideo.video_io import VideoWriter, sheet_indices, uint8_per_sample
+
+    video = _gradient_video(frames=20, height=34, width=69, batch=2)   # odd width: padded
+    whole = save_video(video, tmp_path / "whole.mp4")
+    per_sample = uint8_per_sample(video)                               # (B, F, H, W, 3)
+    keep = sheet_indices(20)
+    with VideoWriter(tmp_path / "stream.mp4", keep=keep) as writer:
+        for a, b in ((0, 7), (7, 8), (8, 20)):
+            writer.write(per_sample[:, a:b])
+    assert writer.frames == 20 and sorted(writer.kept) == keep
+    data = [open(p, "rb").read() for p in (whole, writer.path)]
+    assert hashlib.sha256(data[0]).digest() == hashlib.sha256(data[1]).digest()
+    sheet_all = contact_sheet(per_sample, tmp_path / "all.png")
+    sheet_kept = contact_sheet(np.stack([writer.kept[i] for i in keep]), tmp_path / "kept.png",
+                               indices=keep)
+    assert np.array_equal(np.asarray(Image.open(sheet_all)), np.asarray(Image.open(sheet_kept)))
+
+
+def test_streamed_writer_failure_leaves_no_file(tmp_path):
+    from stepvideo.video_io import VideoWriter
+
+    frames = to_uint8_frames(_gradient_video(frames=3, height=16, width=16))
+    with pytest.raises(ValueError, match="same size"):
+        with VideoWriter(tmp_path / "v.mp4") as writer:
+            writer.write(frames)
+            writer.write(frames[:, :8])
+    assert list(tmp_path.iterdir()) == []

@@ -12,13 +12,14 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from ..conditioning import TextEmbeddings, TextEncoderBackend, VAEBackend
 from ..offload import OffloadConfig, Residency
-from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
+from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, decoded_frames
 from .cache import CacheConfig, StepCache, stats_record
 from .scheduler import FlowMatchDiscreteScheduler, cfg_combine, load_scheduler
 
@@ -68,12 +69,11 @@ class VideoSize:
     def checked(cls, num_frames: int, height: int, width: int) -> tuple["VideoSize", list[str]]:
         """``rounded``, refusing what cannot be decoded, with a note for each value it changed.
 
-        ValueError below one VAE chunk (17 frames: the VAE decodes whole chunks) or one latent
-        pixel (16 px)."""
-        if num_frames < FRAMES_PER_CHUNK:
-            raise ValueError(f"--num_frames {num_frames} is below {FRAMES_PER_CHUNK}: the Video-VAE "
-                             f"decodes whole {FRAMES_PER_CHUNK}-frame chunks; use "
-                             f"{FRAMES_PER_CHUNK}, {2 * FRAMES_PER_CHUNK}, ... (up to 204)")
+        As in the release, fewer than 17 frames means one latent frame, decoded to one frame (an
+        image). ValueError below one latent pixel (16 px) or for a non-positive frame count."""
+        if num_frames < 1:
+            raise ValueError(f"--num_frames {num_frames} must be >= 1 (1-16: one image; 17, 34, "
+                             "... up to 204: a video)")
         for flag, value in (("height", height), ("width", width)):
             if value < SPATIAL_FACTOR:
                 raise ValueError(f"--{flag} {value} is below {SPATIAL_FACTOR} pixels (one latent "
@@ -84,12 +84,22 @@ class VideoSize:
                      ("num_frames", num_frames, size.num_frames, FRAMES_PER_CHUNK),
                      ("height", height, size.height, SPATIAL_FACTOR),
                      ("width", width, size.width, SPATIAL_FACTOR)) if asked != got]
+        if size.num_frames == 1:
+            notes = [n for n in notes if not n.startswith("--num_frames")]
+            notes.insert(0, f"--num_frames {num_frames} is below {FRAMES_PER_CHUNK}: one latent "
+                            "frame, decoded to a single image (the release's image mode; written "
+                            "as a 1-frame mp4 and a .png)")
         return size, notes
 
     def latent_shape(self, batch: int, channels: int) -> tuple[int, int, int, int, int]:
         frames = max(self.num_frames // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK, 1)
         return (batch, frames, channels, self.height // SPATIAL_FACTOR,
                 self.width // SPATIAL_FACTOR)
+
+    @property
+    def decoded_frames(self) -> int:
+        """Frames the VAE decodes the latents of this size to (``num_frames`` after rounding)."""
+        return decoded_frames(self.latent_shape(1, 1)[1])
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -328,6 +338,57 @@ class StepVideoPipeline:
         """(B, F, H, W, 3) uint8 frames, post-processed chunk by chunk by the VAE backend."""
         with self.stage("vae_decode"), self._resident("vae"):
             return self._vae().decode_uint8(latents.float().cpu())
+
+    def uint8_pieces(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """uint8 (B, n, H, W, 3) pieces as the VAE backend decodes them: chunk by chunk from an
+        in-process VAE (``iter_uint8``), the whole video at once from the service."""
+        vae = self._vae()
+        latents = latents.float().cpu()
+        with self._resident("vae"):  # the VAE on the device while its pieces are pulled
+            if hasattr(vae, "iter_uint8"):
+                yield from vae.iter_uint8(latents)
+            else:
+                yield vae.decode_uint8(latents)
+
+    def write_stream(self, pieces: Iterable[torch.Tensor], stem: str, total_frames: int,
+                     denoise_filter: bool = True, crop: bool = True,
+                     contact_sheet: bool = True) -> tuple[dict[str, str], tuple[int, int, int]]:
+        """Decode and write at once: each uint8 piece (B, n, H, W, 3) goes to the H.264 writer as
+        soon as it is decoded, so the video is never whole in memory. Times the pulls as
+        ``vae_decode`` and the writes as ``write``. ``total_frames`` picks the contact-sheet
+        frames in advance. One frame (image mode) is written as a 1-frame mp4 and ``stem``.png
+        holding the frame itself (cropped like the video). Returns (paths, (frames, H, W) per sample)."""
+        from ..video_io import (VideoWriter, contact_sheet as write_sheet, crop_540p, save_image,
+                                sheet_indices)
+
+        keep = sheet_indices(total_frames) if contact_sheet or total_frames == 1 else []
+        self.times["vae_decode"] = self.times["write"] = 0.0
+        shape = None
+        with VideoWriter(stem + ".mp4", denoise=denoise_filter, crop=crop, keep=keep) as writer:
+            pieces = iter(pieces)
+            while True:
+                with self.stage("pull"):
+                    piece = next(pieces, None)
+                self.times["vae_decode"] += self.times.pop("pull")
+                if piece is None:
+                    break
+                shape = (0 if shape is None else shape[0]) + piece.shape[1], *piece.shape[2:4]
+                with self.stage("push"):
+                    writer.write(piece)
+                self.times["write"] += self.times.pop("push")
+        paths = {"video": writer.path}
+        with self.stage("push"):
+            if total_frames == 1:
+                image = writer.kept[0]
+                paths["image"] = save_image(crop_540p(image[None])[0] if crop else image,
+                                            stem + ".png")
+                if contact_sheet:
+                    paths["contact_sheet"] = paths["image"]
+            elif contact_sheet:
+                paths["contact_sheet"] = write_sheet(np.stack([writer.kept[i] for i in keep]), stem + ".png",
+                                                     indices=keep)
+        self.times["write"] += self.times.pop("push")
+        return paths, shape
 
     def write(self, frames, stem: str, denoise_filter: bool = True, crop: bool = True,
               contact_sheet: bool = True) -> dict[str, str]:

@@ -115,6 +115,20 @@ class ParallelContext:
         dist.all_reduce(tensor)
         return tensor.cpu()
 
+    def gather_to_main(self, tensor: torch.Tensor,
+                       device: torch.device) -> list[torch.Tensor] | None:
+        """Every rank's ``tensor`` (same shape and dtype on all ranks), as a list by rank on rank 0
+        and None elsewhere; sent over the communication device (``device`` for NCCL, else CPU)."""
+        if self.world_size == 1:
+            return [tensor]
+        import torch.distributed as dist
+
+        comm = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+        tensor = tensor.contiguous().to(comm)
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)] if self.is_main else None
+        dist.gather(tensor, out, dst=0)
+        return out
+
     def broadcast_text(self, text: TextEmbeddings | None, device: torch.device,
                        dtype: torch.dtype) -> TextEmbeddings:
         """Rank 0's embeddings on every rank (shapes first, then the tensors; no pickling)."""

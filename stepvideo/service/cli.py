@@ -19,6 +19,7 @@ from .protocol import (DEFAULT_PORT, MAX_LATENT_ELEMENTS, MAX_VIDEO_AREA, MAX_VI
 from .server import (DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_MAX_WAIT, DEFAULT_THREADS,
                      ServerOptions, ServiceConfigError, run_server)
 from ..devices import DTYPE_CHOICES
+from ..vae.local import parse_tile
 from ..weights import CheckpointError
 from ..layout import HUNYUAN_CLIP, STEP_LLM, VAE
 
@@ -90,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                       help="seconds an idle keep-alive connection stays open")
     sock.add_argument("--max_unsent_mb", type=float, default=d.max_unsent / (1 << 20),
                       help="MiB of an answer buffered before its worker waits for the client")
+    p.add_argument("--vae_tile", default="auto",
+                   help="spatial tiles of the VAE decode: auto (only when an untiled 17-frame chunk "
+                        "would not fit the free memory), off, or N = tile edge in latent pixels")
+    p.add_argument("--devices", default="",
+                   help="comma-separated devices for the VAE (e.g. cuda:0,cuda:1): a replica on "
+                        "each decodes its share of the chunks at once, with the frames of one device; the "
+                        "first also holds the caption models (it replaces --device)")
     a = p.parse_args(argv)
     try:
         connections = ConnectionLimits(
@@ -99,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error(str(e))
     if not a.max_wait > 0:
         p.error(f"--max_wait must be > 0, got {a.max_wait}")
+    try:
+        parse_tile(a.vae_tile)
+    except ValueError as e:
+        p.error(str(e))
+    devices = tuple(d.strip() for d in a.devices.split(",") if d.strip())
+    if devices:
+        a.device = devices[0]
     if a.token:
         print(f"warning: --token on the command line is visible to other users (ps, "
               f"/proc/PID/cmdline); set {TOKEN_ENV} or use --token_file instead", file=sys.stderr)
@@ -109,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                          cache_size=a.cache_size, max_latent_elements=a.max_latent_elements,
                          max_video_frames=a.max_video_frames, max_video_side=a.max_video_side,
                          max_video_area=a.max_video_area, max_wait=a.max_wait,
-                         connections=connections)
+                         connections=connections, vae_tile=a.vae_tile, devices=devices)
 
 
 def main(argv: list[str] | None = None) -> int:

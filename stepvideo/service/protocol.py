@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR
+from ..vae.vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, decoded_frames
 
 PROTOCOL = "stepvideo-service/1"
 DEFAULT_PORT = 8080
@@ -396,9 +396,6 @@ class VAERequest:
         if lat.dim() != 5 or lat.shape[2] != z or min(lat.shape) < 1:
             raise InvalidPayload(f"latents must be (B, frames, {z}, h, w) with every size >= 1; "
                                  f"got {tuple(lat.shape)}")
-        if lat.shape[1] % limits.latent_frames_per_chunk:
-            raise InvalidPayload(f"latent frame count {lat.shape[1]} must be a multiple of "
-                                 f"{limits.latent_frames_per_chunk}")
         if lat.shape[0] > limits.max_batch:
             raise InvalidPayload(f"latents have a batch of {lat.shape[0]}; this server decodes at "
                                  f"most {limits.max_batch} videos per request (split the batch)")
@@ -412,7 +409,7 @@ class VAERequest:
     def _check_cost(self, limits: VAELimits) -> None:
         """Frames, sides and pixels per frame of the decoded video: what a decode costs."""
         _, f, _, h, w = self.latents.shape
-        frames = f // LATENTS_PER_CHUNK * FRAMES_PER_CHUNK
+        frames = decoded_frames(f)
         hh, ww = h * SPATIAL_FACTOR, w * SPATIAL_FACTOR
         if frames > limits.max_frames or max(hh, ww) > limits.max_side \
                 or hh * ww > limits.max_area:
@@ -440,9 +437,10 @@ class VAEResponse:
 
     def check(self, latent_shape: tuple[int, ...], output: str) -> None:
         """The answer to latents of ``latent_shape`` (B, F, z, h, w) asked as ``output``: float
-        (B, F/3*17, 3, 16h, 16w) or uint8 (B, F/3*17, 16h, 16w, 3); InvalidPayload otherwise."""
+        (B, frames, 3, 16h, 16w) or uint8 (B, frames, 16h, 16w, 3) with the release's frame rule
+        (``decoded_frames``: 3 -> 17, 4 -> 18, 1 -> 1); InvalidPayload otherwise."""
         b, f, _, h, w = latent_shape
-        frames = f // LATENTS_PER_CHUNK * FRAMES_PER_CHUNK
+        frames = decoded_frames(f)
         hh, ww = h * SPATIAL_FACTOR, w * SPATIAL_FACTOR
         if output == "uint8":
             shape, wanted = (b, frames, hh, ww, 3), "uint8"

@@ -516,6 +516,8 @@ class ServerOptions:
     max_video_area: int = MAX_VIDEO_AREA
     max_wait: float = DEFAULT_MAX_WAIT
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    vae_tile: str = "auto"          # spatial tiles of the VAE decode: auto, off or N (latent px)
+    devices: tuple[str, ...] = ()   # further VAE replicas: chunks decoded on all at once
 
     def resolved_token(self) -> str | None:
         """``token``, else the stripped contents of ``token_file``, else $STEPVIDEO_API_TOKEN;
@@ -583,7 +585,8 @@ def build_service(opts: ServerOptions) -> tuple[Any, ServiceModels, Callable[[],
         return models.load_in_background(
             lambda: LocalTextEncoder.from_dirs(dirs[llm], dirs[clip], dtype,
                                                device, cache_size=opts.cache_size),
-            lambda: LocalVAE.from_dir(dirs[vae], dtype, device))
+            lambda: LocalVAE.from_dir(dirs[vae], dtype, device, tile=opts.vae_tile,
+                                      devices=opts.devices))
 
     return app, models, start_loading
 

@@ -1,25 +1,87 @@
-"""The Video-VAE as an in-process backend (the caption/VAE service hosts the same class)."""
+"""The Video-VAE as an in-process backend (the caption/VAE service hosts the same class).
+
+Decoding streams: ``iter_uint8`` yields post-processed uint8 frames chunk by chunk (the float video
+never exists whole), spatially tiled when ``tile`` says so, and ``iter_uint8_shared`` spreads the
+chunks over the ranks of a job (``--vae_parallel``) with the same frames as one rank.
+"""
 
 from __future__ import annotations
+
+import os
+from typing import Iterator, Protocol
 
 import torch
 
 from ..video_io import uint8_per_sample
+from .vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, auto_tile_size, blend_seam
+
+AUTO = "auto"
+# --vae_tile auto: the share of free memory a chunk's decode may plan to use
+AUTO_MEMORY_SHARE = 0.85
+
+
+class Gatherer(Protocol):
+    """What ``iter_uint8_shared`` needs from the job's parallel layer (``ParallelContext``)."""
+
+    rank: int
+    world_size: int
+
+    def gather_to_main(self, tensor: torch.Tensor, device: torch.device) -> list[torch.Tensor] | None:
+        ...
+
+
+def parse_tile(value: str | int | None) -> str | int | None:
+    """``--vae_tile``: 'auto', 'off' (None) or a tile edge N >= 2 in latent pixels."""
+    if value is None or value == "off":
+        return None
+    if value == AUTO:
+        return AUTO
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--vae_tile must be auto, off or an integer >= 2 (latent pixels), "
+                         f"got {value!r}") from None
+    if n < 2:
+        raise ValueError(f"--vae_tile {n} is below 2 latent pixels; use auto, off or N >= 2")
+    return n
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a decode on ``device`` may use: free CUDA memory plus what PyTorch's allocator holds
+    unused (after denoising it caches much of the DiT's activations), or available host memory."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class LocalVAE:
     """The Video-VAE in this process. ``decode`` returns (B, F, 3, H, W) in the VAE's dtype on the
-    CPU; ``decode_uint8`` post-processes chunk by chunk, so the float video is never whole."""
+    CPU; ``decode_uint8`` post-processes chunk by chunk, so the float video is never whole.
 
-    def __init__(self, vae):
+    ``tile``: None (untiled), an edge in latent pixels, or 'auto' (tile only when an untiled chunk
+    would not fit the free memory, ``auto_tile_size``). ``tile_overlap``: latent pixels (default
+    a quarter of the tile). ``replicas``: copies of the VAE on further devices (the service's
+    ``--devices``); ``iter_uint8`` then decodes that many chunks at once, one per device, with the
+    frames of one device."""
+
+    def __init__(self, vae, tile: str | int | None = None, tile_overlap: int | None = None,
+                 replicas=()):
         self.vae = vae
+        self.tile = parse_tile(tile)
+        self.tile_overlap = tile_overlap
+        self.replicas = [vae, *replicas]
 
     @classmethod
     def from_dir(cls, vae_dir: str, dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device = "cpu") -> "LocalVAE":
+                 device: str | torch.device = "cpu", tile: str | int | None = None,
+                 tile_overlap: int | None = None, devices=()) -> "LocalVAE":
+        """Load on ``device``, plus one replica on each further device in ``devices``."""
         from .vae import AutoencoderKL
 
-        return cls(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, device=device))
+        extra = [d for d in devices if torch.device(d) != torch.device(device)]
+        load = lambda d: AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, device=d)  # noqa: E731
+        return cls(load(device), tile, tile_overlap, [load(d) for d in extra])
 
     def residency_parts(self) -> list[tuple[str, torch.nn.Module, None]]:
         """(name, module, block list) for ``--offload``: the VAE moves whole."""
@@ -29,13 +91,120 @@ class LocalVAE:
     def z_channels(self) -> int:
         return self.vae.config.z_channels
 
+    def tiles_for(self, latents: torch.Tensor) -> tuple[int | None, int | None]:
+        """(tile_size, tile_overlap) for decoding ``latents`` (B, f, z, h, w) with this policy."""
+        if self.tile is None:
+            return None, None
+        if self.tile == AUTO:
+            b, _, _, h, w = latents.shape
+            budget = int(AUTO_MEMORY_SHARE * free_memory(self.vae.device))
+            size = auto_tile_size(self.vae.config, h, w, self.vae.dtype, budget, b)
+            return (None, None) if size is None else (size, self.tile_overlap)
+        return self.tile, self.tile_overlap
+
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents).cpu()
+        return self.vae.decode(latents, None, *self.tiles_for(latents)).cpu()
 
     @torch.inference_mode()
+    def iter_uint8(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """uint8 (B, n, H, W, 3) pieces, one per chunk, as they are decoded and seam-blended."""
+        if len(self.replicas) > 1:
+            yield from self._iter_uint8_replicas(latents)
+            return
+        for piece in self.vae.iter_decode(latents, *self.tiles_for(latents)):
+            yield uint8_per_sample(piece.cpu())
+
+    def _iter_uint8_replicas(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``iter_uint8`` with one chunk per replica at a time (threads: the kernels run
+        concurrently on their devices), seams blended in order on the first device."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunks = latents.split(LATENTS_PER_CHUNK, dim=1)
+        tiles = self.tiles_for(latents)
+        held = None
+
+        def decode(job):
+            vae, chunk = job
+            with torch.inference_mode():
+                return decoded_uint8(vae, chunk, tiles)
+
+        with ThreadPoolExecutor(len(self.replicas)) as pool:
+            for start in range(0, len(chunks), len(self.replicas)):
+                batch = chunks[start:start + len(self.replicas)]
+                for i, (frames, edges) in enumerate(pool.map(decode, zip(self.replicas, batch))):
+                    edges = edges.to(self.vae.device, self.vae.dtype)
+                    piece, held = seam_pieces(frames, edges, held,
+                                              last=start + i + 1 == len(chunks))
+                    yield piece
+
     def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
-        pieces = [uint8_per_sample(piece.cpu()) for piece in self.vae.iter_decode(latents)]
-        return torch.cat(pieces, dim=1)
+        return torch.cat(list(self.iter_uint8(latents)), dim=1)
+
+    @torch.inference_mode()
+    def iter_uint8_shared(self, latents: torch.Tensor, comm: Gatherer,
+                          device: torch.device) -> Iterator[torch.Tensor]:
+        """Decode on every rank of ``comm``, each its share of the chunks; on rank 0 yield the
+        same uint8 pieces as ``iter_uint8`` on one rank (other ranks yield nothing).
+
+        Chunks go round-robin: in round r rank i decodes chunk r*W + i, converts its frames to
+        uint8, and rank 0 gathers them with the chunk's first and last frames in the VAE's dtype
+        (unblended). Rank 0 then blends each seam exactly as ``iter_decode`` does (same order,
+        same dtype) and replaces the seam frames, so the frames equal a one-rank decode. Every rank
+        calls this with the same latents; memory per round is one chunk per rank plus, on rank 0,
+        W chunks of uint8."""
+        vae, world = self.vae, comm.world_size
+        chunks = latents.split(LATENTS_PER_CHUNK, dim=1)
+        tiles = self.tiles_for(latents)
+        b, _, _, h, w = latents.shape
+        hh, ww = h * SPATIAL_FACTOR, w * SPATIAL_FACTOR
+        held = None
+        for start in range(0, len(chunks), world):
+            k = start + comm.rank
+            frames = torch.zeros(b, FRAMES_PER_CHUNK, hh, ww, 3, dtype=torch.uint8)
+            edges = torch.zeros(b, 2, 3, hh, ww)        # float32 holds the VAE's dtype exactly
+            if k < len(chunks):
+                mine, edges = decoded_uint8(vae, chunks[k], tiles)
+                frames[:, :mine.shape[1]] = mine
+                del mine
+            got_frames = comm.gather_to_main(frames, device)
+            got_edges = comm.gather_to_main(edges, device)
+            if got_frames is None:
+                continue
+            for i in range(min(world, len(chunks) - start)):
+                k = start + i
+                n = chunk_frames(chunks[k].shape[1])
+                edges = got_edges[i].to(vae.device, vae.dtype)   # blend where one rank would
+                piece, held = seam_pieces(got_frames[i][:, :n].cpu(), edges, held,
+                                          last=k + 1 == len(chunks))
+                yield piece
 
 
+def decoded_uint8(vae, chunk: torch.Tensor, tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk decoded without blending: uint8 frames (B, n, H, W, 3) on the CPU and its first
+    and last frames (B, 2, 3, H, W) as float32 (exact for the VAE's dtype), for ``seam_pieces``."""
+    x = vae.decode_chunk(chunk, *tiles)                                     # (B, n, 3, H, W)
+    return uint8_per_sample(x.cpu()), torch.cat([x[:, :1], x[:, -1:]], dim=1).float().cpu()
+
+
+def chunk_frames(latent_frames: int) -> int:
+    """Frames of one chunk of 1-3 latent frames (8t-7)."""
+    return 8 * latent_frames - 7
+
+
+def seam_pieces(frames: torch.Tensor, edges: torch.Tensor, held: torch.Tensor | None,
+                last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``join_chunk`` for a chunk that arrives as uint8 ``frames`` (B, n, H, W, 3) plus its first
+    and last float frames ``edges`` (B, 2, 3, H, W): the seam frames are blended in float and
+    converted here; all other frames are already final. Returns (uint8 piece, held float frame)."""
+    first, last_frame = edges[:, :1].clone(), edges[:, 1:].clone()
+    frames = frames.clone()
+    if held is not None:
+        held, first = blend_seam(held, first)
+        frames[:, :1] = uint8_per_sample(first.cpu())
+        if frames.shape[1] == 1:
+            last_frame = first
+        frames = torch.cat([uint8_per_sample(held.cpu()), frames], dim=1)
+    if last:
+        return frames, None
+    return frames[:, :-1], last_frame

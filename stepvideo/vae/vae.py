@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
@@ -31,6 +32,10 @@ LATENTS_PER_CHUNK = 3        # latent frames per chunk
 SPATIAL_FACTOR = 16          # pixels per latent pixel (each side)
 NORM_GROUPS = 32
 SEAM_KEEP = 0.6              # chunk blend: new = 0.6 * itself + 0.4 * neighbour
+# Peak bytes of one untiled chunk decode / bytes of its largest activation (20 frames x full
+# resolution x the level-1 width): the issue's H200 measurement (28 GiB bf16 at 544x992, whose
+# largest activation is 5.2 GiB) rounded up. Used only to decide whether a chunk needs tiles.
+DECODE_PEAK_FACTOR = 5.5
 
 # Released-checkpoint prefix -> module prefix. The release stores the last decoder conv as
 # `decoder.conv_out.*`; here (as in the release's modules) it is a causal conv with a `.conv` child.
@@ -446,6 +451,129 @@ def blend_seam(last: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, t
     return last, first
 
 
+def join_chunk(x: torch.Tensor, held: torch.Tensor | None,
+               last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The streaming seam step for one decoded chunk ``x`` (B, n, 3, H, W): blend its first frame
+    with ``held`` (the previous chunk's unemitted last frame), prepend that frame, and hold back
+    this chunk's last frame unless it is the ``last`` chunk. Returns (frames to emit, held)."""
+    if held is not None:
+        held, first = blend_seam(held, x[:, :1])
+        x[:, :1] = first
+        x = torch.cat([held, x], dim=1)                                     # (B, n+1, 3, H, W)
+    if last:
+        return x, None
+    return x[:, :-1], x[:, -1:].clone()
+
+
+def decoded_frames(latent_frames: int) -> int:
+    """Video frames that ``latent_frames`` decode to, by the release's rule.
+
+    The release splits the latents into chunks of 3 (``z.split(3, dim=1)``), so the last chunk may
+    hold 1 or 2 frames. Its decoder is causal in time: t latent frames become 2t-1 after the
+    unpatchify shuffle, 4(2t-1) after the two temporal x2 upsamplers, minus the 3 dropped in front,
+    i.e. 8t-7 frames (3 -> 17, 2 -> 9, 1 -> 1). So 1 -> 1 (an image), 4 -> 18, 5 -> 26, 6 -> 34."""
+    if latent_frames < 1:
+        raise ValueError(f"latent frame count must be >= 1, got {latent_frames}")
+    full, rest = divmod(latent_frames, LATENTS_PER_CHUNK)
+    return full * FRAMES_PER_CHUNK + (8 * rest - 7 if rest else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Spatial tiles: overlapping windows in latent units, blended linearly across the overlap
+# --------------------------------------------------------------------------------------------
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Starts of windows of ``tile`` that cover [0, length), spread evenly so that neighbours
+    overlap by at least ``overlap``; one window when ``tile`` covers everything."""
+    if tile >= length:
+        return [0]
+    n = math.ceil((length - tile) / (tile - overlap)) + 1
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_ramp(starts: list[int], i: int, tile: int, length: int, scale: int) -> torch.Tensor:
+    """1D blend weights of window ``i`` in output units (``scale`` per latent unit): a linear ramp
+    over each overlap with a neighbour ((p + 0.5) / overlap, so two overlapping ramps sum to 1),
+    1 elsewhere and at the borders of the whole image."""
+    start, end = starts[i], min(starts[i] + tile, length)
+    w = torch.ones((end - start) * scale)
+    if i > 0 and (ov := (starts[i - 1] + tile - start) * scale) > 0:
+        w[:ov] = (torch.arange(ov) + 0.5) / ov
+    if i + 1 < len(starts) and (ov := (end - starts[i + 1]) * scale) > 0:
+        w[-ov:] = torch.minimum(w[-ov:], (torch.arange(ov - 1, -1, -1) + 0.5) / ov)
+    return w
+
+
+def check_tiles(tile_size: int | None, tile_overlap: int | None) -> tuple[int, int] | None:
+    """(size, overlap) in latent units, or None for no tiling. The default overlap is a quarter
+    of the tile (at least 1)."""
+    if tile_size is None:
+        if tile_overlap is not None:
+            raise ValueError("tile_overlap needs tile_size")
+        return None
+    if tile_size < 2:
+        raise ValueError(f"tile_size must be >= 2 latent pixels (32 px), got {tile_size}")
+    overlap = max(tile_size // 4, 1) if tile_overlap is None else tile_overlap
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"tile_overlap must be in [0, tile_size={tile_size}), got {overlap}")
+    return tile_size, overlap
+
+
+def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
+          scale_in: int, scale_out: int) -> torch.Tensor:
+    """``fn`` over overlapping spatial windows of ``x`` (B, C, T, H, W), blended.
+
+    Windows are ``tile`` latent pixels wide (``scale_in`` input and ``scale_out`` output pixels per
+    latent pixel). Each output window is weighted by the product of its row and column ramps and
+    the sum is divided by the summed weights, so the blend is linear across every overlap. A window
+    that covers the whole input is ``fn(x)`` itself (bit for bit). Memory: one window's ``fn`` plus
+    a float32 output and an (H, W) weight map."""
+    h, w = x.shape[-2] // scale_in, x.shape[-1] // scale_in
+    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    if len(rows) == len(cols) == 1:
+        return fn(x)
+    out = weight = None
+    for i, r in enumerate(rows):
+        wy = tile_ramp(rows, i, tile, h, scale_out)
+        for j, c in enumerate(cols):
+            wx = tile_ramp(cols, j, tile, w, scale_out)
+            part = fn(x[..., r * scale_in:(r + tile) * scale_in, c * scale_in:(c + tile) * scale_in])
+            if out is None:
+                out = part.new_zeros(*part.shape[:-2], h * scale_out, w * scale_out,
+                                     dtype=torch.float32)
+                weight = torch.zeros(h * scale_out, w * scale_out, device=part.device)
+            wt = (wy[:, None] * wx[None, :]).to(part.device)                 # (th, tw)
+            ys = slice(r * scale_out, r * scale_out + part.shape[-2])
+            xs = slice(c * scale_out, c * scale_out + part.shape[-1])
+            out[..., ys, xs] += part.float() * wt
+            weight[ys, xs] += wt
+            del part
+    return out.div_(weight).to(x.dtype)
+
+
+def decode_peak_bytes(config: VAEConfig, h: int, w: int, dtype: torch.dtype,
+                      batch: int = 1) -> int:
+    """Estimated peak memory of decoding one chunk of h x w latent pixels untiled:
+    ``DECODE_PEAK_FACTOR`` x the largest activation (20 frames, full resolution, level-1 width)."""
+    width = config.decoder_ch * max(config.decoder_ch_mult[:2])
+    frames = 4 * (2 * LATENTS_PER_CHUNK - 1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    largest = batch * frames * width * (SPATIAL_FACTOR ** 2) * h * w * elem
+    return int(DECODE_PEAK_FACTOR * largest)
+
+
+def auto_tile_size(config: VAEConfig, h: int, w: int, dtype: torch.dtype, budget: int,
+                   batch: int = 1) -> int | None:
+    """None when an h x w chunk fits ``budget`` bytes untiled, else the largest square tile (in
+    latent pixels, >= 4) whose decode fits it."""
+    if decode_peak_bytes(config, h, w, dtype, batch) <= budget:
+        return None
+    tile = max(h, w)
+    while tile > 4 and decode_peak_bytes(config, min(tile, h), min(tile, w), dtype, batch) > budget:
+        tile -= 1
+    return tile
+
+
 class AutoencoderKL(nn.Module):
     """The Step-Video Video-VAE v2. ``decode``: (B, 3n, z, h, w) -> (B, 17n, 3, 16h, 16w);
     ``encode``: (B, 17n, 3, H, W) -> (B, 3n, z, H/16, W/16)."""
@@ -484,55 +612,57 @@ class AutoencoderKL(nn.Module):
         if z.shape[2] != zc:
             raise ValueError(f"latents have {z.shape[2]} channels (dim 2) but this VAE expects "
                              f"z_channels={zc}; latents must be (B, frames, {zc}, h, w)")
-        f = z.shape[1]
-        if f == 0 or f % LATENTS_PER_CHUNK:
-            raise ValueError(f"latent frame count {f} must be a positive multiple of "
-                             f"{LATENTS_PER_CHUNK} (every {LATENTS_PER_CHUNK} latent frames decode "
-                             f"to {FRAMES_PER_CHUNK} video frames)")
+        if z.shape[1] == 0 or z.shape[3] == 0 or z.shape[4] == 0:
+            raise ValueError(f"latents {tuple(z.shape)} are empty: frames, h and w must be >= 1")
 
-    def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
-        """One chunk without blending: (B, 3, z, h, w) -> (B, 17, 3, 16h, 16w)."""
+    def decode_chunk(self, z: torch.Tensor, tile_size: int | None = None,
+                     tile_overlap: int | None = None) -> torch.Tensor:
+        """One chunk (1-3 latent frames) without blending: (B, t, z, h, w) -> (B, 8t-7, 3, 16h,
+        16w); in overlapping spatial tiles of ``tile_size`` latent pixels when given."""
+        tiles = check_tiles(tile_size, tile_overlap)
         with torch.no_grad():
-            z = z.to(device=self.device, dtype=self.dtype).transpose(1, 2)  # (B, z, 3, h, w)
-            return self.decoder(z).transpose(1, 2)                          # (B, 17, 3, H, W)
+            z = z.to(device=self.device, dtype=self.dtype).transpose(1, 2)  # (B, z, t, h, w)
+            if tiles is None:
+                return self.decoder(z).transpose(1, 2)                      # (B, 17, 3, H, W)
+            return tiled(self.decoder, z, *tiles, 1, SPATIAL_FACTOR).transpose(1, 2)
 
-    def iter_decode(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
+    def iter_decode(self, z: torch.Tensor, tile_size: int | None = None,
+                    tile_overlap: int | None = None) -> Iterator[torch.Tensor]:
         """Decode one chunk at a time and yield frames as soon as they are final.
 
         The seam blend changes the last frame of chunk k using chunk k+1, so that frame is held
         back: after chunk 0 the generator yields its first 16 frames; after chunk k >= 1 it yields
-        the (blended) last frame of chunk k-1 followed by the first 16 frames of chunk k; the last
-        chunk's final frame is appended to the last yield. Concatenated along dim 1 the pieces
-        equal ``decode(z)`` exactly, and memory stays that of one chunk.
+        the (blended) last frame of chunk k-1 followed by all but the last frame of chunk k; the
+        last chunk's final frame is appended to the last yield. Concatenated along dim 1 the pieces
+        equal ``decode(z)`` exactly, and memory stays that of one chunk. A latent count that is
+        not a multiple of 3 ends in a short chunk, as in the release (``decoded_frames``).
         """
         self.check_latents(z)
+        tiles = check_tiles(tile_size, tile_overlap)
         chunks = z.split(LATENTS_PER_CHUNK, dim=1)
         held = None                                                         # (B, 1, 3, H, W)
         for i, chunk in enumerate(chunks):
-            x = self.decode_chunk(chunk)                                    # (B, 17, 3, H, W)
-            if held is not None:
-                held, first = blend_seam(held, x[:, :1])
-                x[:, :1] = first
-                x = torch.cat([held, x], dim=1)                             # (B, 18, 3, H, W)
-            if i + 1 < len(chunks):
-                held = x[:, -1:].clone()
-                x = x[:, :-1]
+            x = self.decode_chunk(chunk, *(tiles or (None, None)))          # (B, 17, 3, H, W)
+            x, held = join_chunk(x, held, last=i + 1 == len(chunks))
             yield x
             del x
 
     def decode(self, z: torch.Tensor,
-               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """(B, 3n, z, h, w) -> (B, 17n, 3, 16h, 16w), chunk by chunk, seams blended.
+               callback: Callable[[int, torch.Tensor], None] | None = None,
+               tile_size: int | None = None, tile_overlap: int | None = None) -> torch.Tensor:
+        """(B, f, z, h, w) -> (B, decoded_frames(f), 3, 16h, 16w), chunk by chunk, seams blended
+        (f = 3n gives 17n frames).
 
+        ``tile_size``/``tile_overlap`` (latent pixels) decode every chunk in overlapping spatial
+        tiles blended linearly (``tiled``); a tile that covers the latent is the untiled decode.
         ``callback(chunk_index, frames)`` is called after each chunk with the frames that
         ``iter_decode`` yields for it."""
         self.check_latents(z)
-        n = z.shape[1] // LATENTS_PER_CHUNK
         out = None
         start = 0
-        for i, piece in enumerate(self.iter_decode(z)):
+        for i, piece in enumerate(self.iter_decode(z, tile_size, tile_overlap)):
             if out is None:
-                out = piece.new_empty(z.shape[0], n * FRAMES_PER_CHUNK, *piece.shape[2:])
+                out = piece.new_empty(z.shape[0], decoded_frames(z.shape[1]), *piece.shape[2:])
             out[:, start:start + piece.shape[1]] = piece
             if callback is not None:
                 callback(i, piece)
@@ -558,14 +688,20 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"video height and width must be positive multiples of "
                              f"{SPATIAL_FACTOR}; got H={h}, W={w}")
 
-    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 17n, 3, H, W) -> raw moments (B, 3n, 2z, H/16, W/16) = [mean | logvar] on dim 2."""
+    def encode_moments(self, x: torch.Tensor, tile_size: int | None = None,
+                       tile_overlap: int | None = None) -> torch.Tensor:
+        """(B, 17n, 3, H, W) -> raw moments (B, 3n, 2z, H/16, W/16) = [mean | logvar] on dim 2;
+        with ``tile_size`` (latent pixels) each chunk is encoded in overlapping tiles of
+        16 x tile_size pixels whose moments are blended linearly."""
         self.check_video(x)
+        tiles = check_tiles(tile_size, tile_overlap)
         parts = []
         with torch.no_grad():
             for chunk in x.split(FRAMES_PER_CHUNK, dim=1):
                 chunk = chunk.to(device=self.device, dtype=self.dtype).transpose(1, 2)
-                parts.append(self.encoder(chunk).transpose(1, 2))         # (B, 3, 2z, h, w)
+                m = (self.encoder(chunk) if tiles is None else
+                     tiled(self.encoder, chunk, *tiles, SPATIAL_FACTOR, 1))
+                parts.append(m.transpose(1, 2))                            # (B, 3, 2z, h, w)
         return torch.cat(parts, dim=1)
 
     @staticmethod
@@ -574,12 +710,14 @@ class AutoencoderKL(nn.Module):
         mean, logvar = moments.chunk(2, dim=2)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None,
+               tile_size: int | None = None, tile_overlap: int | None = None) -> torch.Tensor:
         """(B, 17n, 3, H, W) -> a latent sample mean + std * noise, (B, 3n, z, H/16, W/16).
 
         As in the release the noise is one ``torch.randn`` of the latent's shape drawn after all
-        chunks are encoded, from ``generator`` or else the global RNG."""
-        mean, logvar = self.split_moments(self.encode_moments(x))
+        chunks are encoded, from ``generator`` or else the global RNG. Tiles as in
+        ``encode_moments``."""
+        mean, logvar = self.split_moments(self.encode_moments(x, tile_size, tile_overlap))
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + torch.exp(0.5 * logvar) * noise
 
