@@ -271,7 +271,7 @@ def check_request(req: GenerationRequest):
     if req.time_shift <= 0:
         raise PreflightError(f"--time_shift must be > 0, got {req.time_shift}")
     try:
-        size, notes = VideoSize.checked(req.num_frames, req.height, req.width)
+        _, notes = VideoSize.checked(req.num_frames, req.height, req.width)
         parse_tile(req.vae_tile)
     except ValueError as e:
         raise PreflightError(str(e)) from e
