@@ -34,6 +34,7 @@ from stepvideo.conditioning import TextEmbeddings
 from stepvideo.diffusion.video_pipeline import guided_velocity
 from stepvideo.memory_plan import (GiB, MemoryOptions, Workload, estimate, plan, sizes_of)
 from stepvideo.modules.model import DiTConfig, StepVideoModel
+from stepvideo import synthetic
 from stepvideo.offload import HostWeights, OffloadConfig, Residency
 
 AUTO = OffloadConfig("auto")
@@ -50,18 +51,8 @@ MODES = {
 FP8_LAST = "48gb_fp8_seq"  # quantises the model in place: runs last
 
 
-@torch.no_grad()
 def random_model(cfg: DiTConfig, device: torch.device, dtype: torch.dtype) -> StepVideoModel:
-    with torch.device("meta"):
-        model = StepVideoModel.from_config(cfg).to(dtype)
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.fill_(1.0 if name.endswith("weight") else 0.0)
-        else:
-            p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+    return synthetic.random_model(cfg, device, dtype, seed=0)
 
 
 def inputs(cfg: DiTConfig, frames: int, h: int, w: int, device, dtype, llm_len: int, clip_len: int = 77):
