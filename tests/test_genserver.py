@@ -156,7 +156,8 @@ def test_cancel_full_queue_and_the_ranks_stay_in_step(server, tmp_path):
 
 
 @pytest.mark.parametrize("body, status, message", [
-    ({"prompt": "x", "num_frames": 5}, 422, "'num_frames' 5 is below 17"),
+    ({"prompt": "x", "num_frames": 0}, 422, "'num_frames'"),
+    ({"prompt": "x", "height": 10}, 422, "'height' 10 is below 16"),
     ({"prompt": "x", "infer_steps": 0}, 422, "'infer_steps' must be between 1 and 200"),
     ({"prompt": "x", "height": 4096}, 422, "above this server's limit"),
     ({"prompt": "   "}, 422, "'prompt' is empty"),

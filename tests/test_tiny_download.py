@@ -315,8 +315,9 @@ def test_tiny_step_llm_is_a_faithful_miniature(tiny_dir):
 
     from stepvideo.text_encoder.stepllm import BOS_ID, CONTROL_TOKENS, EOS_ID, MASK_TOKENS
 
-    published = json.loads((Path(os.environ["STEPVIDEO_CONFORMANCE_DIR"])
-                            / "manifest_step1_full.json").read_text(encoding="utf-8"))["config"]
+    from stepvideo.conformance import load_json
+
+    published = load_json("manifest_step1_full.json")["config"]
     config = json.loads(Path(tiny_dir, "step_llm/config.json").read_text(encoding="utf-8"))
     assert set(published) <= set(config), sorted(set(published) - set(config))
     assert all(type(config[k]) is type(published[k]) for k in published)
