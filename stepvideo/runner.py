@@ -565,6 +565,7 @@ def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dic
     settings.pop("parallel")
     settings.pop("cache")
     settings.update(req.cache_settings())
+    settings["quantize"] = req.memory.quantize  # the one memory option that changes the video
     return {
         "prompt": req.prompt, "pos_magic": req.pos_magic, "neg_magic": req.neg_magic, "seed": req.seed,
         "settings": settings,

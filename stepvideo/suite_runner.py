@@ -195,8 +195,8 @@ class PromptJob:
 
     def expected(self) -> dict:
         expected = {k: getattr(self.request, k) for k in self.checked}
-        if self.checked == CHECKED_SETTINGS:  # a run with its own model: its caching flags too
-            expected.update(self.request.cache_settings())
+        if self.checked == CHECKED_SETTINGS:  # a run with its own model: caching and --quantize
+            expected.update(self.request.cache_settings(), quantize=self.request.memory.quantize)
         return expected
 
     def check(self):

@@ -519,3 +519,18 @@ def test_failed_prompt_is_recorded_and_run_continues(tiny_dir, service, tmp_path
     assert summary["failures"][0]["index"] == 2 and "FAILED" in text
     page = (save / "index.html").read_text(encoding="utf-8")
     assert page.count('<div class="card"') == 1 and "Failed (1)" in page
+
+
+def test_rerun_compares_the_settings_that_change_the_video(tmp_path):
+    """A suite rerun keeps a video only when the sampling, caching and --quantize flags match."""
+    from stepvideo.suite import PromptEntry
+    from stepvideo.suite_runner import make_jobs, parse_benchmark_args
+
+    _, base = parse_benchmark_args(["--model_dir", str(tmp_path), "--prompts", str(tmp_path / "p"),
+                                    "--quantize", "fp8_weight", "--cache", "teacache",
+                                    "--cache_threshold", "0.2"])
+    entry = PromptEntry(index=1, prompt="a kite", category="uncategorized")
+    expected = make_jobs(base, [entry], "same")[0].expected()
+    assert expected["quantize"] == "fp8_weight"
+    assert expected["cache"] == "teacache" and expected["cache_threshold"] == 0.2
+    assert expected["prompt"] == "a kite" and "infer_steps" in expected
