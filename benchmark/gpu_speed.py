@@ -129,8 +129,7 @@ def package_versions() -> dict:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(),
-                                                 dim=0).item()
+    return quant.error_stats(a, b)["cosine"]
 
 
 def median_time(fn, run: Run, warmup: int = 1, repeats: int | None = None) -> float:

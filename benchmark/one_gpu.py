@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import statistics
 import time
 
@@ -35,6 +34,7 @@ from stepvideo.diffusion.video_pipeline import guided_velocity
 from stepvideo.memory_plan import (GiB, MemoryOptions, Workload, estimate, plan, sizes_of)
 from stepvideo.modules.model import DiTConfig, StepVideoModel
 from stepvideo import synthetic
+from stepvideo.timing import peak_rss_bytes, sync
 from stepvideo.offload import HostWeights, OffloadConfig, Residency
 
 AUTO = OffloadConfig("auto")
@@ -63,11 +63,6 @@ def inputs(cfg: DiTConfig, frames: int, h: int, w: int, device, dtype, llm_len: 
                           torch.ones(2, clip_len + llm_len, dtype=torch.long),
                           torch.randn(2, clip_len, clip_dim, generator=gen))
     return x.to(device), text.to(device, dtype)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step(model, x, text, device) -> tuple[torch.Tensor, float]:
@@ -100,12 +95,10 @@ def run_mode(name, model, host: HostWeights, x, x_warm, text, ref, sizes, work, 
            "ff_chunk": opts.ff_chunk, "quantize": opts.quantize,
            "planner_expected_peak_gib": round(expected / GiB, 2)}
     if opts.quantize == "fp8_weight":  # on the device, uncapped (the H200 holds the bf16 model)
-        from stepvideo.quant import quantize_linears
-
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         host.to_device()
-        row["fp8_quantize_s"] = fp8_in_place(model, quantize_linears, device)
+        row["fp8_quantize_s"] = fp8_in_place(model, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(cap * GiB / total, 1.0) if cap else 1.0, device)
@@ -141,9 +134,11 @@ def run_mode(name, model, host: HostWeights, x, x_warm, text, ref, sizes, work, 
     return row, v
 
 
-def fp8_in_place(model, quantize, device) -> float:
+def fp8_in_place(model, device) -> float:
+    from stepvideo.quant import quantize_dit
+
     t0 = time.perf_counter()
-    quantize(model, "transformer_blocks.")
+    quantize_dit(model, "fp8_weight")
     sync(device)
     return round(time.perf_counter() - t0, 1)
 
@@ -208,7 +203,7 @@ def main(argv=None) -> dict:
             row["slowdown_vs_none"] = round(row["seconds"] / base["seconds"], 3)
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
-        out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        out["peak_rss_gib"] = round(peak_rss_bytes() / 2**30, 2)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(out, f, indent=1)

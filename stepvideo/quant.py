@@ -98,18 +98,18 @@ def check_mode(mode: str, device: torch.device | str, tensor_parallel: int = 1) 
         raise RuntimeError("--quantize fp8 needs torchao >= 0.18: pip install 'stepvideo[fp8]'")
 
 
-def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(qualified name, module) of every nn.Linear inside the DiT blocks."""
-    return [(f"transformer_blocks.{i}.{name}", m)
-            for i, block in enumerate(model.transformer_blocks)
-            for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+DIT_BLOCKS, STEP1_LAYERS = "transformer_blocks.", "transformer.layers."  # what is quantised
+
+
+def linears_under(model: nn.Module, prefix: str) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of every nn.Linear whose name starts with ``prefix``."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith(prefix)]
 
 
 def quantize_linears(model: nn.Module, prefix: str) -> int:
-    """``fp8_weight`` for every nn.Linear whose qualified name starts with ``prefix``, in place;
-    returns how many."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.startswith(prefix)]
+    """``fp8_weight`` for every nn.Linear under ``prefix``, in place; returns how many."""
+    targets = linears_under(model, prefix)
     for qualname, linear in targets:
         parent_name, _, attr = qualname.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, Float8WeightLinear.from_linear(linear))
@@ -118,7 +118,7 @@ def quantize_linears(model: nn.Module, prefix: str) -> int:
 
 def quantize_step1(model: nn.Module) -> int:
     """``fp8_weight`` for Step-1's transformer layers (``Step1Model``), in place."""
-    return quantize_linears(model, "transformer.layers.")
+    return quantize_linears(model, STEP1_LAYERS)
 
 
 def error_stats(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -133,15 +133,14 @@ def quantize_dit(model: nn.Module, mode: str) -> int:
     """Quantize the blocks' linears of ``model`` in place for ``mode``; returns how many."""
     if mode not in MODES:
         raise ValueError(f"unknown --quantize mode {mode!r}; choose one of {list(MODES)}")
-    targets = block_linears(model)
     if mode == "none":
         return 0
     if mode == "fp8_weight":
-        return quantize_linears(model, "transformer_blocks.")
+        return quantize_linears(model, DIT_BLOCKS)
     check_mode(mode, next(model.parameters()).device)
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    names = {n for n, _ in targets}
+    names = {n for n, _ in linears_under(model, DIT_BLOCKS)}
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in names)
-    return len(targets)
+              filter_fn=lambda m, fqn: fqn in names)
+    return len(names)

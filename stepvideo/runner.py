@@ -32,6 +32,7 @@ from .fileio import write_json_atomic
 from .memory_plan import MemoryOptions, add_memory_args, memory_options
 from .modules.attention import NAMES as ATTN_BACKENDS
 from .parallel import LaunchEnv, ParallelConfig, setup_parallel
+from .timing import peak_rss_bytes
 from .vae.local import parse_tile
 from .weights import CheckpointError, read_json
 
@@ -546,13 +547,6 @@ class VideoGenerator:
 
     def close(self) -> None:
         self.ctx.close()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def sidecar(req: GenerationRequest, gen: VideoGenerator, times: dict, paths: dict,

@@ -27,13 +27,18 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports ru_maxrss in KiB; POSIX only)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_gb(device: torch.device) -> tuple[str, float]:
     """CUDA: max allocated since the last reset. CPU: the process RSS high-water (cumulative)."""
     if device.type == "cuda":
         return "cuda_max_allocated", torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource  # POSIX only
-
-    return "process_rss_high_water", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return "process_rss_high_water", peak_rss_bytes() / 2 ** 30
 
 
 def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:

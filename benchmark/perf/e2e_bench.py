@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import socket
 import statistics
 import subprocess
@@ -43,7 +42,8 @@ from stepvideo.devices import DTYPE_CHOICES, dtype_name, resolve_dtype  # noqa: 
 from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, PRESETS,  # noqa: E402
                                                 StepVideoPipeline, VideoSize)
 from stepvideo.service.client import RemoteTextEncoder, ServiceError  # noqa: E402
-from stepvideo.text_encoder.local import LocalTextEncoder  # noqa: E402
+from stepvideo.text_encoder.local import LocalTextEncoder
+from stepvideo.timing import device_name, sync  # noqa: E402
 from stepvideo.vae.local import LocalVAE  # noqa: E402
 
 DEFAULT_PROMPT = "A red fox trots across a snowy field at sunrise / 一只红狐狸在日出时穿过雪原"
@@ -117,11 +117,6 @@ class Service:
 
 # --- timing -----------------------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_stage(fn, warmup: int, repeats: int, device: torch.device = torch.device("cpu")):
     """(times, last result): ``warmup`` untimed calls, then ``repeats`` timed ones."""
     result = None
@@ -149,12 +144,6 @@ def timed_once(fn):
 
 
 # --- the stages -------------------------------------------------------------------------------
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
 
 def run_stages(args, model_dir: str, service: Service, work: Path, setup: dict) -> dict:
     """Load the DiT and the in-process encoders/VAE, then time every stage of the pipeline: one

@@ -5,8 +5,8 @@ Two cases, each a few Euler steps of the CFG loop from the same noise and text:
   blocks (default 1) and the conformance kit's random initialisation, at a small latent;
 - ``tiny``: the tiny model (``stepvideo.tiny``) end to end through the DiT, 17 x 64 x 96.
 
-For each: latents after N steps with the DiT in fp32, bf16 and bf16 + FP8 weights (torchao
-Float8WeightOnlyConfig, per-output-channel scales); max/mean abs difference, relative L2 and cosine
+For each: latents after N steps with the DiT in fp32, bf16 and bf16 + FP8 weights (``stepvideo.quant``:
+e4m3 with per-output-channel scales, dequantised at use); max/mean abs difference, relative L2 and cosine
 of fp8 against bf16 and against fp32 (and bf16 against fp32, the scale of what bf16 already does).
 
     python benchmark/perf/fp8_weight_error.py --json benchmark/results/cpu_fp8_weight_error.json
