@@ -27,6 +27,7 @@ from .devices import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype
 from .diffusion.cache import MODES as CACHE_MODES, CacheConfig
 from .diffusion.scheduler import load_scheduler
 from .diffusion.video_pipeline import (DEFAULT_SEED, NEG_MAGIC, POS_MAGIC, PRESETS, StepVideoPipeline,
+                                       check_sampling,
                                        VideoSize)
 from .fileio import write_json_atomic
 from .memory_plan import MemoryOptions, add_memory_args, memory_options
@@ -267,20 +268,14 @@ def check_request(req: GenerationRequest):
     from .layout import TRANSFORMER, check_part
     from .modules.model import DiTConfig
 
-    if req.infer_steps < 1:
-        raise PreflightError(f"--infer_steps must be >= 1, got {req.infer_steps}")
-    if req.time_shift <= 0:
-        raise PreflightError(f"--time_shift must be > 0, got {req.time_shift}")
     try:
-        _, notes = VideoSize.checked(req.num_frames, req.height, req.width)
+        notes = check_sampling(req.infer_steps, req.cfg_scale, req.time_shift, req.num_frames,
+                               req.height, req.width)
         parse_tile(req.vae_tile)
     except ValueError as e:
         raise PreflightError(str(e)) from e
     if req.vae_parallel and req.vae_url != LOCAL:
         raise PreflightError(f"--vae_parallel decodes on the job's ranks: it needs --vae_url {LOCAL}")
-    if req.cfg_scale < 0:
-        notes.append(f"--cfg_scale {req.cfg_scale} is negative: guidance pushes away from the "
-                     "prompt (the release uses 9.0, Turbo 5.0)")
     if req.cache.mode == "none" and req.cache.threshold > 0:
         notes.append(f"--cache_threshold {req.cache.threshold} has no effect without --cache "
                      "teacache or --cache first_block")

@@ -102,6 +102,22 @@ class VideoSize:
         return decoded_frames(self.latent_shape(1, 1)[1])
 
 
+def check_sampling(num_inference_steps: int, guidance_scale: float, time_shift: float,
+                   num_frames: int, height: int, width: int) -> list[str]:
+    """The sampling values of one video, checked before any model runs: ValueError for what
+    cannot run, and notes for what was rounded or is unusual. Messages name the CLI flags; the
+    generation server renames them to its fields."""
+    if num_inference_steps < 1:
+        raise ValueError(f"--infer_steps must be >= 1, got {num_inference_steps}")
+    if time_shift <= 0:
+        raise ValueError(f"--time_shift must be > 0, got {time_shift}")
+    _, notes = VideoSize.checked(num_frames, height, width)
+    if guidance_scale < 0:
+        notes.append(f"--cfg_scale {guidance_scale} is negative: guidance pushes away from the "
+                     "prompt (the release uses 9.0, Turbo 5.0)")
+    return notes
+
+
 def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise from a CPU generator seeded with ``seed``: identical on every rank and
     device. Rounded through ``dtype`` (the transformer's) as the release's bf16 noise is."""

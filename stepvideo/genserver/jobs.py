@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.video_pipeline import VideoSize
+from ..diffusion.video_pipeline import check_sampling
 from ..fileio import is_temp_file, write_json_atomic
 
 logger = logging.getLogger("stepvideo.genserver")
@@ -142,8 +142,6 @@ def _check_values(s: JobSpec, limits: JobLimits) -> list[str]:
         raise bad(f"'seed' must be between 0 and 2**63-1, got {s.seed}")
     if not 1 <= s.infer_steps <= limits.max_steps:
         raise bad(f"'infer_steps' must be between 1 and {limits.max_steps}, got {s.infer_steps}")
-    if s.time_shift <= 0:
-        raise bad(f"'time_shift' must be > 0, got {s.time_shift}")
     if s.num_frames > limits.max_frames:
         raise bad(f"'num_frames' {s.num_frames} is above this server's limit of "
                   f"{limits.max_frames}")
@@ -151,14 +149,12 @@ def _check_values(s: JobSpec, limits: JobLimits) -> list[str]:
         if getattr(s, name) > limits.max_side:
             raise bad(f"'{name}' {getattr(s, name)} is above this server's limit of "
                       f"{limits.max_side} pixels")
-    try:
-        _, notes = VideoSize.checked(s.num_frames, s.height, s.width)
+    try:  # the CLI's checks (check_sampling), with the API's field names
+        notes = check_sampling(s.infer_steps, s.cfg_scale, s.time_shift, s.num_frames, s.height,
+                               s.width)
     except ValueError as e:
         raise bad(_field_names(str(e))) from e
-    notes = [_field_names(n) for n in notes]
-    if s.cfg_scale < 0:
-        notes.append(f"cfg_scale {s.cfg_scale} is negative: guidance pushes away from the prompt")
-    return notes
+    return [_field_names(n) for n in notes]
 
 
 def _field_names(message: str) -> str:
