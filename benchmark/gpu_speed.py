@@ -49,13 +49,15 @@ from stepvideo.modules import attention as attn
 from stepvideo.modules.model import DiTConfig
 from stepvideo.modules.rope import rope_tables
 from stepvideo.synthetic import model_inputs, random_model, token_grid
-from stepvideo.timing import device_name, peak_memory_gb, reset_peak_memory, sync, time_call
+from stepvideo.timing import (device_name, markers, peak_memory_gb, replace_block, reset_peak_memory,
+                              sync, time_call)
 
 EXACT_STEP_FRACTION = 0.70  # of the bf16 peak: <= 30.8 s on an H200
 EIGHT_BIT_SPEEDUP = 1.4
 EIGHT_BIT_COSINE = 0.99
 EXACT_ATTN_MAX_ABS = 2e-2  # bf16 rounding of an attention output (gpu_check's limit)
-README_BEGIN, README_END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
+README_BLOCK = "speed-table"
+README_BEGIN, README_END = markers(README_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -558,15 +560,6 @@ def render_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, table: str) -> None:
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to replace")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    path.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
-
-
 def failed_checks(report: dict) -> list[str]:
     return [c["check"] for c in report["checks"] if c["ok"] is False]
 
@@ -643,7 +636,7 @@ def main(argv=None) -> int:
     table = render_table(report)
     print("\n" + table)
     if a.readme:
-        update_readme(Path(a.readme), table)
+        replace_block(a.readme, README_BLOCK, table)
         print(f"updated {a.readme}")
     failed = failed_checks(report)
     print(f"{len(report['checks'])} checks, {len(failed)} failed: {failed}" if failed else

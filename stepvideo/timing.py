@@ -54,3 +54,23 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float
             sync(device)
             times.append(time.perf_counter() - start)
     return times
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The HTML comments that fence a generated block of a README (``name``: e.g. speed-table)."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def replace_block(path, name: str, text: str) -> None:
+    """Rewrite the block fenced by ``markers(name)`` in the file at ``path`` with ``text`` (a
+    benchmark's table regenerated from its saved JSON); the rest of the file is kept as it is."""
+    from pathlib import Path
+
+    path = Path(path)
+    begin, end = markers(name)
+    content = path.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"{path} has no {begin} ... {end} block to replace")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")

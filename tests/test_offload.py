@@ -238,16 +238,47 @@ def test_runner_plans_before_loading(tiny_model_dir, monkeypatch):
     assert cpu.offload.mode == "none" and none is None
 
 
-def test_gpu_script_runs_at_tiny_size():
+def test_gpu_script_runs_at_tiny_size(tmp_path):
     """benchmark/one_gpu.py --tiny: the H200 script's flow on the CPU; exact modes give the
-    uncapped none step's velocity bit for bit."""
+    uncapped none step's velocity bit for bit; its checks fail on a report that misses a target,
+    and the README block is regenerated from the saved JSON."""
     import importlib.util
+    import json
 
     spec = importlib.util.spec_from_file_location("one_gpu", ROOT / "benchmark" / "one_gpu.py")
     one_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(one_gpu)
-    out = one_gpu.main(["--tiny", "--modes", "24gb_block0_seq_chunk,none,80gb_auto"])
+    report = tmp_path / "one_gpu.json"
+    assert one_gpu.main(["--tiny", "--modes", "24gb_block0_seq_chunk,none,80gb_auto",
+                         "--json", str(report)]) == 0
+    out = json.loads(report.read_text())
     rows = {r["mode"]: r for r in out["rows"]}
     assert list(rows) == ["none", "24gb_block0_seq_chunk", "80gb_auto"]
     assert all(r["max_abs_diff_vs_none"] == 0.0 for r in rows.values())
     assert rows["24gb_block0_seq_chunk"]["blocks_loaded"] == 7  # 3 blocks x (warm-up + step) + 1
+    names = [c["check"] for c in out["checks"]]
+    assert "80gb_auto: bit-identical to none" in " ".join(names) or \
+        "none: bit-identical to 80gb_auto" in " ".join(names)
+    assert all(c["ok"] for c in out["checks"])
+
+    readme = tmp_path / "README.md"
+    begin, end = one_gpu.markers(one_gpu.README_BLOCK)
+    readme.write_text(f"# x\n{begin}\nold\n{end}\ntail\n")
+    assert one_gpu.main(["--render", str(report), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "`24gb_block0_seq_chunk`" in text and text.endswith(f"{end}\ntail\n")
+
+    # a report that misses targets: a 24 GB block step 3x slower, a residency-only twin that
+    # differs, a capped mode that ran out of memory
+    bad = dict(out)
+    bad["rows"] = [dict(r) for r in out["rows"]]
+    slow, auto = bad["rows"][1], bad["rows"][2]
+    slow["slowdown_vs_none"] = 3.0
+    auto["velocity_sha1"] = "0" * 16
+    bad["rows"].append(dict(auto, mode="48gb_auto_seq", card="48 GB", error="OutOfMemoryError: x"))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert one_gpu.main(["--render", str(tmp_path / "bad.json")]) == 1
+    failed = {c["check"] for c in one_gpu.checks(bad) if not c["ok"]}
+    assert any("within 2.0x" in c for c in failed)
+    assert any("bit-identical" in c for c in failed)
+    assert "48gb_auto_seq: the 48 GB class runs the step" in failed
