@@ -302,3 +302,25 @@ def test_profile_categories():
         "norm / rope / modulate / other elementwise"  # cuDNN convolution is not attention
     assert gs.categorize("void at::native::vectorized_layer_norm_kernel<>") == \
         "norm / rope / modulate / other elementwise"
+
+
+def test_gpu_session_runs_topics_in_budget(tmp_path):
+    """benchmark/gpu_session.py: the one device call that runs the prepared scripts in order; a
+    topic runs its script (JSON and log written, checks passed) and one that the budget cannot
+    hold is skipped and fails the session."""
+    script = str(ROOT / "benchmark" / "gpu_session.py")
+    ok = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path), "one_gpu"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    session = json.loads((tmp_path / "session.json").read_text())
+    (row,) = session["topics"]
+    assert row["status"] == "passed" and row["wrote_json"]
+    report = json.loads((tmp_path / "cpu_one_gpu.json").read_text())
+    assert report["checks"] and all(c["ok"] for c in report["checks"])
+    assert "checks, 0 failed" in (tmp_path / "one_gpu.log").read_text()
+
+    short = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path / "b"),
+                            "--budget-s", "60", "speed"], capture_output=True, text=True, timeout=120)
+    assert short.returncode == 1
+    (row,) = json.loads((tmp_path / "b" / "session.json").read_text())["topics"]
+    assert row["status"] == "skipped" and "needs 120 s" in row["why"]
