@@ -161,6 +161,10 @@ class BlockStreamer:
         self.pending[i] = (event, copies)
         self.loads += 1
 
+    # The hooks run eagerly under ``--compile`` (a compiled block calls them from its compiled
+    # ``_call_impl``): traced, they would recompile for every block index and record the weight
+    # swaps and stream calls into graphs.
+    @torch.compiler.disable
     def _before(self, i: int, module, args) -> None:
         self._load(i)
         event, copies = self.pending.pop(i)
@@ -175,6 +179,7 @@ class BlockStreamer:
             if nxt != i:
                 self._load(nxt)
 
+    @torch.compiler.disable
     def _after(self, i: int, module, args, output) -> None:
         self.weights[i].to_host()
 
