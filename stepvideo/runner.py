@@ -123,8 +123,8 @@ def build_parser(prog: str = "run_parallel.py", require_prompt: bool = True) -> 
                         "latent pixels (16N px, overlap N/4)")
     g.add_argument("--vae_parallel", action="store_true",
                    help=f"with --vae_url {LOCAL}: every rank loads the VAE and decodes its share "
-                        "of the chunks after denoising; rank 0 gathers uint8 frames (the same "
-                        "frames as one rank)")
+                        "of the chunks (and of their tiles, with --vae_tile) after denoising; rank 0 "
+                        "gathers and blends them (the same frames as one rank)")
     g.add_argument("--encoder_dtype", default="auto", choices=DTYPE_CHOICES,
                    help="dtype of the in-process encoders/VAE (CLIP runs in float32); auto = "
                         "bfloat16 on CUDA, float32 on CPU. The service's default is bfloat16")

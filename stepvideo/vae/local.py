@@ -2,7 +2,8 @@
 
 Decoding streams: ``iter_uint8`` yields post-processed uint8 frames chunk by chunk (the float video
 never exists whole), spatially tiled when ``tile`` says so, and ``iter_uint8_shared`` spreads the
-chunks over the ranks of a job (``--vae_parallel``) with the same frames as one rank.
+chunks, and the tiles of each chunk, over the ranks of a job (``--vae_parallel``) with the same
+frames as one rank.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Iterator, Protocol
 import torch
 
 from ..video_io import uint8_per_sample
-from .vae import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, auto_tile_size, blend_seam
+from .vae import (FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, TileBlend, auto_tile_size,
+                  blend_seam, check_tiles, join_chunk)
 
 AUTO = "auto"
 # --vae_tile auto: the share of free memory a chunk's decode may plan to use
@@ -27,6 +29,9 @@ class Gatherer(Protocol):
     world_size: int
 
     def gather_to_main(self, tensor: torch.Tensor, device: torch.device) -> list[torch.Tensor] | None:
+        ...
+
+    def broadcast_ints(self, values: list[int] | None, device: torch.device) -> list[int]:
         ...
 
 
@@ -144,40 +149,57 @@ class LocalVAE:
     @torch.inference_mode()
     def iter_uint8_shared(self, latents: torch.Tensor, comm: Gatherer,
                           device: torch.device) -> Iterator[torch.Tensor]:
-        """Decode on every rank of ``comm``, each its share of the chunks; on rank 0 yield the
-        same uint8 pieces as ``iter_uint8`` on one rank (other ranks yield nothing).
+        """Decode on every rank of ``comm``; on rank 0 yield the same uint8 pieces as
+        ``iter_uint8`` on one rank (other ranks yield nothing).
 
-        Chunks go round-robin: in round r rank i decodes chunk r*W + i, converts its frames to
-        uint8, and rank 0 gathers them with the chunk's first and last frames in the VAE's dtype
-        (unblended). Rank 0 then blends each seam exactly as ``iter_decode`` does (same order,
-        same dtype) and replaces the seam frames, so the frames equal a one-rank decode. Every rank
-        calls this with the same latents; memory per round is one chunk per rank plus, on rank 0,
-        W chunks of uint8."""
-        vae, world = self.vae, comm.world_size
+        The work is a list of units, chunk by chunk and, when the chunks are tiled, tile by tile
+        within a chunk (row-major, ``TileBlend.windows``): so a single chunk of 16 tiles keeps 16
+        ranks busy, not one. Units go round-robin: in round r rank i decodes unit r*W + i and rank 0
+        gathers the outputs (the VAE's dtype, padded to one shape). Rank 0 blends each chunk's tiles
+        in ``tiled``'s order and dtype, then joins the chunk's seam as ``iter_decode`` does, so the
+        frames equal a one-rank decode. The tile size is rank 0's choice (``auto`` may differ per
+        rank's free memory), broadcast. Every rank calls this with the same latents; memory per
+        round: one unit per rank and, on rank 0, W unit outputs and one chunk being blended."""
+        vae = self.vae
+        world = comm.world_size
+        size, overlap = self.tiles_for(latents) if comm.rank == 0 else (None, None)
+        size, overlap = comm.broadcast_ints([size or 0, -1 if overlap is None else overlap], device)
+        tiles = check_tiles(size or None, None if overlap < 0 else overlap)
         chunks = latents.split(LATENTS_PER_CHUNK, dim=1)
-        tiles = self.tiles_for(latents)
         b, _, _, h, w = latents.shape
-        hh, ww = h * SPATIAL_FACTOR, w * SPATIAL_FACTOR
-        held = None
-        for start in range(0, len(chunks), world):
-            k = start + comm.rank
-            frames = torch.zeros(b, FRAMES_PER_CHUNK, hh, ww, 3, dtype=torch.uint8)
-            edges = torch.zeros(b, 2, 3, hh, ww)        # float32 holds the VAE's dtype exactly
-            if k < len(chunks):
-                mine, edges = decoded_uint8(vae, chunks[k], tiles)
-                frames[:, :mine.shape[1]] = mine
-                del mine
-            got_frames = comm.gather_to_main(frames, device)
-            got_edges = comm.gather_to_main(edges, device)
-            if got_frames is None:
+        plan = TileBlend(h, w, *tiles, SPATIAL_FACTOR) if tiles else None
+        windows = 1 if plan is None or plan.single else len(plan.windows)
+        units = [(k, j) for k in range(len(chunks)) for j in range(windows)]
+        th, tw = (h, w) if windows == 1 else (min(plan.tile, h), min(plan.tile, w))
+        shape = (b, vae.config.out_channels, FRAMES_PER_CHUNK, th * SPATIAL_FACTOR, tw * SPATIAL_FACTOR)
+        held = blend = None
+        for start in range(0, len(units), world):
+            part = torch.zeros(shape, dtype=vae.dtype, device=vae.device)
+            if start + comm.rank < len(units):
+                k, j = units[start + comm.rank]
+                z = chunks[k].to(device=vae.device, dtype=vae.dtype).transpose(1, 2)  # (B, z, t, h, w)
+                if windows > 1:
+                    ys, xs = plan.window(j, 1)
+                    z = z[..., ys, xs]
+                out = vae.decoder(z)                                    # (B, 3, n, th16, tw16)
+                part[:, :, :out.shape[2]] = out
+                del out
+            got = comm.gather_to_main(part, device)
+            if got is None:
                 continue
-            for i in range(min(world, len(chunks) - start)):
-                k = start + i
+            for i in range(min(world, len(units) - start)):
+                k, j = units[start + i]
                 n = chunk_frames(chunks[k].shape[1])
-                edges = got_edges[i].to(vae.device, vae.dtype)   # blend where one rank would
-                piece, held = seam_pieces(got_frames[i][:, :n].cpu(), edges, held,
-                                          last=k + 1 == len(chunks))
-                yield piece
+                out = got[i][:, :, :n].to(vae.device)
+                if windows > 1:
+                    if j == 0:
+                        blend = TileBlend(h, w, *tiles, SPATIAL_FACTOR)
+                    blend.add(out)
+                    if j + 1 < windows:
+                        continue
+                    out = blend.result(vae.dtype)
+                x, held = join_chunk(out.transpose(1, 2), held, last=k + 1 == len(chunks))
+                yield uint8_per_sample(x.cpu())
 
 
 def decoded_uint8(vae, chunk: torch.Tensor, tiles) -> tuple[torch.Tensor, torch.Tensor]:

@@ -519,6 +519,53 @@ def check_tiles(tile_size: int | None, tile_overlap: int | None) -> tuple[int, i
     return tile_size, overlap
 
 
+class TileBlend:
+    """The blend of ``tiled``, fed one window's output at a time in ``windows`` order (row-major),
+    so that windows computed elsewhere (another rank) blend to the same bits as ``tiled``.
+
+    ``h``/``w``: the input in latent pixels; ``scale_out`` output pixels per latent pixel."""
+
+    def __init__(self, h: int, w: int, tile: int, overlap: int, scale_out: int):
+        self.h, self.w, self.tile, self.scale = h, w, tile, scale_out
+        self.rows, self.cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+        self.windows = [(i, j) for i in range(len(self.rows)) for j in range(len(self.cols))]
+        self.done = 0
+        self.out = self.weight = None
+
+    @property
+    def single(self) -> bool:
+        """One window covers the input: the result is that window's output itself."""
+        return len(self.windows) == 1
+
+    def window(self, k: int, scale_in: int) -> tuple[slice, slice]:
+        """The input (rows, cols) slices of window ``k`` at ``scale_in`` input pixels per latent
+        pixel."""
+        i, j = self.windows[k]
+        r, c = self.rows[i], self.cols[j]
+        return (slice(r * scale_in, (r + self.tile) * scale_in),
+                slice(c * scale_in, (c + self.tile) * scale_in))
+
+    def add(self, part: torch.Tensor) -> None:
+        """The output of the next window."""
+        i, j = self.windows[self.done]
+        h, w, s = self.h, self.w, self.scale
+        wy, wx = tile_ramp(self.rows, i, self.tile, h, s), tile_ramp(self.cols, j, self.tile, w, s)
+        if self.out is None:
+            self.out = part.new_zeros(*part.shape[:-2], h * s, w * s, dtype=torch.float32)
+            self.weight = torch.zeros(h * s, w * s, device=part.device)
+        wt = (wy[:, None] * wx[None, :]).to(part.device)                     # (th, tw)
+        ys = slice(self.rows[i] * s, self.rows[i] * s + part.shape[-2])
+        xs = slice(self.cols[j] * s, self.cols[j] * s + part.shape[-1])
+        self.out[..., ys, xs] += part.float() * wt
+        self.weight[ys, xs] += wt
+        self.done += 1
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.done != len(self.windows):
+            raise RuntimeError(f"{self.done} of {len(self.windows)} tiles blended")
+        return self.out.div_(self.weight).to(dtype)
+
+
 def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
           scale_in: int, scale_out: int) -> torch.Tensor:
     """``fn`` over overlapping spatial windows of ``x`` (B, C, T, H, W), blended.
@@ -528,27 +575,15 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
     the sum is divided by the summed weights, so the blend is linear across every overlap. A window
     that covers the whole input is ``fn(x)`` itself (bit for bit). Memory: one window's ``fn`` plus
     a float32 output and an (H, W) weight map."""
-    h, w = x.shape[-2] // scale_in, x.shape[-1] // scale_in
-    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    if len(rows) == len(cols) == 1:
+    blend = TileBlend(x.shape[-2] // scale_in, x.shape[-1] // scale_in, tile, overlap, scale_out)
+    if blend.single:
         return fn(x)
-    out = weight = None
-    for i, r in enumerate(rows):
-        wy = tile_ramp(rows, i, tile, h, scale_out)
-        for j, c in enumerate(cols):
-            wx = tile_ramp(cols, j, tile, w, scale_out)
-            part = fn(x[..., r * scale_in:(r + tile) * scale_in, c * scale_in:(c + tile) * scale_in])
-            if out is None:
-                out = part.new_zeros(*part.shape[:-2], h * scale_out, w * scale_out,
-                                     dtype=torch.float32)
-                weight = torch.zeros(h * scale_out, w * scale_out, device=part.device)
-            wt = (wy[:, None] * wx[None, :]).to(part.device)                 # (th, tw)
-            ys = slice(r * scale_out, r * scale_out + part.shape[-2])
-            xs = slice(c * scale_out, c * scale_out + part.shape[-1])
-            out[..., ys, xs] += part.float() * wt
-            weight[ys, xs] += wt
-            del part
-    return out.div_(weight).to(x.dtype)
+    for k in range(len(blend.windows)):
+        ys, xs = blend.window(k, scale_in)
+        part = fn(x[..., ys, xs])
+        blend.add(part)
+        del part
+    return blend.result(x.dtype)
 
 
 def decode_peak_bytes(config: VAEConfig, h: int, w: int, dtype: torch.dtype,
