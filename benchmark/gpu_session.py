@@ -6,6 +6,8 @@ topics named on the command line in that order, each with what is left of ``--bu
 as the script's own ``--budget-s`` where it has one, and as a hard ``timeout``), writes every
 script's JSON and log under ``--out`` (``$OUT`` on the device), and ends with a table and
 ``session.json``. Exit 1 when a topic failed its checks, timed out or was skipped for time.
+``TOPIC:SECONDS`` caps one topic's share (``speed:300 one_gpu``: the speed table gets at most 300 s
+and the memory modes the rest), so a later topic is not starved by an earlier one's budget.
 
 Topics (script, issue, typical time on one H200):
   speed     benchmark/gpu_speed.py       issue 13: attention matrix, block, error, profile, step  ~8 min
@@ -17,7 +19,7 @@ Wheels the device cannot download (``bash scripts/gpu_wheels.sh`` puts them in `
 are installed into a scratch folder first and put on the scripts' ``PYTHONPATH``.
 
 On the device (one call; ``carry: [".whl"]``):
-    python3 benchmark/gpu_session.py --budget-s 540 --out $OUT speed one_gpu
+    python3 benchmark/gpu_session.py --budget-s 540 --out $OUT speed:300 one_gpu
 Here, afterwards: copy the JSON files into benchmark/results/ and regenerate the README tables:
     python benchmark/gpu_speed.py --render benchmark/results/h200_speed.json --readme README.md
     python benchmark/one_gpu.py --render benchmark/results/h200_one_gpu.json --readme README.md
@@ -63,6 +65,20 @@ def install_wheels(site: Path) -> str | None:
     return str(site)
 
 
+def topic_arg(text: str) -> tuple[str, float | None]:
+    """``NAME`` or ``NAME:SECONDS`` (the most this topic may take)."""
+    name, _, cap = text.partition(":")
+    if name not in TOPICS:
+        raise argparse.ArgumentTypeError(f"unknown topic {name!r}; choose from {', '.join(TOPICS)}")
+    try:
+        seconds = float(cap) if cap else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the cap after ':' must be seconds") from None
+    if seconds is not None and seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the cap must be > 0 seconds")
+    return name, seconds
+
+
 def run_topic(name: str, a, left: float, env: dict) -> dict:
     script, gpu_args, tiny_args, needs, has_budget = TOPICS[name]
     out_json = Path(a.out) / f"{'cpu' if a.tiny else 'h200'}_{name}.json"
@@ -94,7 +110,8 @@ def run_topic(name: str, a, left: float, env: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="topics: " + ", ".join(TOPICS))
-    p.add_argument("topics", nargs="+", choices=list(TOPICS), help="in the order to run them")
+    p.add_argument("topics", nargs="+", type=topic_arg, metavar="TOPIC[:SECONDS]",
+                   help="in the order to run them; :SECONDS caps that topic's share")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="seconds for all topics together (a device command may run 600)")
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmark/results/session",
@@ -107,8 +124,9 @@ def main(argv=None) -> int:
     site = None if a.tiny else install_wheels(Path("/tmp/stepvideo-site"))
     env["PYTHONPATH"] = os.pathsep.join(x for x in (site, str(ROOT), env.get("PYTHONPATH")) if x)
     rows = []
-    for name in a.topics:
-        rows.append(run_topic(name, a, a.budget_s - (time.monotonic() - start), env))
+    for name, cap in a.topics:
+        left = a.budget_s - (time.monotonic() - start)
+        rows.append(run_topic(name, a, left if cap is None else min(cap, left), env))
     summary = {"budget_s": a.budget_s, "seconds": round(time.monotonic() - start, 1),
                "wheels": [w.name for w in sorted(WHEELS.glob("*.whl"))] if site else [],
                "topics": rows}

@@ -320,7 +320,9 @@ def test_gpu_session_runs_topics_in_budget(tmp_path):
     assert "checks, 0 failed" in (tmp_path / "one_gpu.log").read_text()
 
     short = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path / "b"),
-                            "--budget-s", "60", "speed"], capture_output=True, text=True, timeout=120)
+                            "speed:60"], capture_output=True, text=True, timeout=120)
     assert short.returncode == 1
     (row,) = json.loads((tmp_path / "b" / "session.json").read_text())["topics"]
     assert row["status"] == "skipped" and "needs 120 s" in row["why"]
+    bad = subprocess.run([sys.executable, script, "--tiny", "speeed"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown topic 'speeed'" in bad.stderr
