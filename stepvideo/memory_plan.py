@@ -2,9 +2,10 @@
 
 Pure functions of (free device bytes, model byte sizes, an activation estimate); nothing here
 touches a device. Model sizes come from the modules themselves (``sizes_of``: parameter bytes,
-on the meta device for the full-size configs), activations from a per-token model calibrated on
-the H200 measurements in ``benchmark/results`` (see ``ActivationModel``), to be re-checked by
-``benchmark/one_gpu.py``.
+on the meta device for the full-size configs), activations from a per-token model of the tensors
+the ops allocate, measured on the CPU (``benchmark/perf/activation_rows.py``), cross-checked and
+completed with the H200 measurements in ``benchmark/results`` (see ``ActivationModel``), to be
+re-checked on GPUs by ``benchmark/one_gpu.py``.
 
 Speed order of the modes (fastest first): ``none`` (everything resident), ``model`` (each model
 on the device only during its stage: one host-to-device copy of each model per prompt), ``block``
@@ -95,45 +96,92 @@ def sizes_of(dit, llm=None, clip=None, vae=None, storage_bytes: int | None = 2,
 class ActivationModel:
     """Peak activation bytes of the stages.
 
-    DiT: ``rows`` D-wide rows of the compute dtype per token and sample in flight. Calibration
-    (H200, bf16, 75,888 tokens x batch 2, benchmark/results/h200_dit_full48_*.json): eager peak
-    80.85 GiB - 54.65 GiB of weights = 26.2 GiB = 15.1 rows of 6144 x 2 bytes per token-sample;
-    compiled 72.22 - 54.65 = 17.6 GiB = 10.1 rows. The feed-forward's (S, 4D) input and GELU
-    output are 8 of those rows; ``--ff_chunk`` removes them down to ``rows_without_ff`` (an
-    estimate: the attention phase's own peak; not yet measured). Under ``--cfg_sequential`` one
-    sample is in flight and each other sample holds ``held_rows`` (its block input and output).
+    DiT, eager: the peak is the larger of two phases, in D-wide rows of the compute dtype per token
+    and sample in flight. Measured on the CPU with the live-tensor meter (``stepvideo.memtrack``:
+    the tensors the ops allocate, the same set on a GPU), released width, random weights, 2 blocks,
+    batch 2, 256 and 512 tokens (``benchmark/perf/activation_rows.py``,
+    ``benchmark/results/cpu_activation_rows.json``):
 
-    VAE: the measured peak of one full-size chunk in bf16 (28.0 GiB, H200) less its weights,
-    scaled by the frame's pixels and the decoder's width against the release's; text:
-    Step-1's 2 x 320 tokens (36.6 GiB peak, H200) less its weights, rounded up.
+    - self-attention (``rows``): 16 rows in bf16 (slope 16.04 = 16 + the RoPE tables), at the key's
+      RoPE: block input and the held embedding output, the modulated input, qkv (3), q, k, and the
+      RoPE's float32 temporaries (2 rows each in bf16). In float32 those casts are no-ops:
+      ``rows_fp32`` = 11 (10 measured at 1 block, + 1 from depth, below);
+    - feed-forward (``ff_phase_rows``): 13 rows (float32, 1 block: 12, + 1), no float32 casts, so
+      the same in bf16; the (S, 4D) hidden state and its GELU are ``ff_rows`` = 8 of them.
+      ``--ff_chunk c`` leaves 8 c / S of those plus the chunks' concatenation (1 row). In bf16 the
+      attention phase is the peak, so ``--ff_chunk`` does not lower it (measured: 16.04 with and
+      without); in float32 it does (12.1 -> 10.1 measured at 1 block).
+    - depth: 2 blocks hold 1 row more than 1 (the embedded input stays referenced by
+      ``Embedded`` while later blocks run); under no_grad nothing else accumulates;
+    - ``--cfg_sequential``: one sample in flight, each waiting sample holds ``held_rows`` = 3
+      (its block input, the embedded input and its finished block output; measured 3.04 - RoPE);
+    - ``rope_bytes``: the cos/sin tables, (S, 128) float32 each, per token, any batch.
+
+    Not modelled: terms that do not grow with the video (text context (B, L, D), AdaLN
+    modulations (2 x B x 6D), t_emb (B, D): 0.7 MB at L = 16, 10 MB at L = 397); kernel workspaces
+    and allocator rounding (``reserve``). Cross-check against the GPU: an H200 (bf16, 75,888 tokens
+    x 2, benchmark/results/h200_dit_*) measured 15.1 rows at 1 and at 48 blocks with the forward of
+    that time, which did not hold the embedded input (CPU, 1 block: 15.15 incl. the text terms),
+    so workspaces add < 0.1 row there. ``rows_compiled``: the H200 ``--compile`` peak (10.1 rows)
+    + the held input row; compiled phases were not measured on the CPU, so ``--ff_chunk`` is not
+    credited under ``--compile``.
+
+    VAE: ``vae_chunk`` is the H200-measured peak of one untiled 544 x 992 chunk in bf16 (28.0 GiB
+    less weights). On the CPU the ops' tensors of a decode are exactly proportional to the decoded
+    area (2168.5 bytes per decoded pixel-frame in bf16 at 2 x 2 and 4 x 4 latent pixels, and per
+    tile pixel-frame with tiles of 2 and 4; 4337 in float32); the H200 chunk is 3160 per
+    pixel-frame (cuDNN workspaces and the allocator on top), so the planner scales the H200 figure
+    by the decoded area: the frame's untiled, the tile's (16 N x 16 N pixels) with ``--vae_tile N``,
+    plus the tiled decode's float32 accumulators (3 x 17 x 4 + 4 bytes per frame pixel, measured).
+    Text: Step-1's 2 x 320 tokens (36.6 GiB peak, H200) less its weights, rounded up.
     """
 
-    rows: float = 15.1
-    rows_compiled: float = 10.1
+    rows: float = 16.0
+    rows_fp32: float = 11.0
+    ff_phase_rows: float = 13.0
     ff_rows: float = 8.0
-    rows_without_ff: float = 9.0
-    held_rows: float = 2.0
+    held_rows: float = 3.0
+    rows_compiled: float = 11.1
+    rope_bytes: int = 2 * 128 * 4
     vae_chunk: int = int(27.0 * GiB)  # 544 x 992, decoder width 128
+    vae_tile_accumulators: int = 3 * 17 * 4 + 4  # bytes per frame pixel (tiled decode only)
     text: int = int(0.5 * GiB)
-    reserve: int = int(1.0 * GiB)   # allocator fragmentation, cuBLAS workspaces, RoPE tables
+    reserve: int = int(1.0 * GiB)   # allocator fragmentation, cuBLAS workspaces
 
     def dit(self, tokens: int, batch: int, dim: int, dtype_bytes: int, sequential: bool,
             ff_chunk: int, compiled: bool) -> int:
-        rows = self.rows_compiled if compiled else self.rows
-        if ff_chunk > 0:
-            rows = max(rows - self.ff_rows * (1 - min(ff_chunk, tokens) / tokens), self.rows_without_ff
-                       if not compiled else self.rows_without_ff * self.rows_compiled / self.rows)
+        if compiled:
+            rows = self.rows_compiled
+        else:
+            ff = self.ff_phase_rows
+            if 0 < ff_chunk < tokens:
+                ff += 1 - self.ff_rows * (1 - ff_chunk / tokens)
+            rows = max(self.rows if dtype_bytes < 4 else self.rows_fp32, ff)
         in_flight, held = (1, batch - 1) if sequential else (batch, 0)
-        return int(tokens * dim * dtype_bytes * (rows * in_flight + self.held_rows * held))
+        return (int(tokens * dim * dtype_bytes * (rows * in_flight + self.held_rows * held))
+                + tokens * self.rope_bytes)
+
+    def vae(self, height: int, width: int, tile: int | None, vae_width: float) -> int:
+        """One chunk's decode of a height x width frame; ``tile``: latent pixels or None."""
+        per_pixel = self.vae_chunk / (544 * 992) * vae_width
+        if tile is None or 16 * tile >= max(height, width):
+            return int(per_pixel * height * width)
+        area = min(16 * tile, height) * min(16 * tile, width)
+        return int(per_pixel * area) + self.vae_tile_accumulators * height * width
+
+
+AUTO_TILE_FLOOR = 4  # the smallest tile --vae_tile auto picks (vae.vae.auto_tile_size)
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What the DiT stage runs: ``tokens`` per sample (75,888 for 204 x 544 x 992), CFG ``batch``
-    (2 per prompt), and the exact activation options."""
+    """What the stages run: ``tokens`` per sample (75,888 for 204 x 544 x 992), CFG ``batch``
+    (2 per prompt), the exact activation options, and the VAE's frame and ``vae_tile`` (latent
+    pixels, None untiled, or "auto": the largest tile that fits, untiled when that fits)."""
 
     tokens: int = 75_888
-    pixels: int = 544 * 992
+    height: int = 544
+    width: int = 992
     vae_width: float = 1.0          # the VAE decoder's width over the release's (128)
     batch: int = 2
     dim: int = 6144
@@ -143,9 +191,7 @@ class Workload:
     compiled: bool = False
     vae_on_device: bool = True
     text_on_device: bool = True
-    vae_act: int | None = None      # VAE decode activations; None: one untiled chunk (measured).
-    # INTEGRATION POINT (--vae_tile, another branch): pass the tiled decode's measured peak here;
-    # untiled, the full-size VAE chunk alone (28.0 GiB on the H200) rules out 24 GB cards.
+    vae_tile: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,8 +219,8 @@ def stage_peaks(sizes: ModelSizes, work: Workload, offload: OffloadConfig,
     text_w = (sizes.llm + sizes.clip) if work.text_on_device else 0
     vae_w = sizes.vae if work.vae_on_device else 0
     text_act = act.text if work.text_on_device else 0
-    untiled = int(act.vae_chunk * work.pixels / (544 * 992) * work.vae_width)
-    vae_act = (untiled if work.vae_act is None else work.vae_act) if work.vae_on_device else 0
+    tile = AUTO_TILE_FLOOR if work.vae_tile == "auto" else work.vae_tile  # plan() resolves auto
+    vae_act = act.vae(work.height, work.width, tile, work.vae_width) if work.vae_on_device else 0
     if offload.mode == "none":
         resident = sizes.dit + text_w + vae_w
         return {"text": resident + text_act, "dit": resident + dit_act, "vae": resident + vae_act}
@@ -208,6 +254,21 @@ def smallest_card(peak: int) -> str:
     return f"more than {CARD_CLASSES[-1][0]}"
 
 
+def resolve_vae_tile(free_bytes: int, sizes: ModelSizes, work: Workload, offload: OffloadConfig,
+                     act: ActivationModel = ActivationModel()) -> Workload:
+    """``--vae_tile auto`` for a mode: untiled when the VAE stage fits ``free_bytes`` untiled, else
+    the largest tile (latent pixels, down to ``AUTO_TILE_FLOOR``) whose stage fits; the floor when
+    none does (the run's VAE applies its own rule to the memory free at decode time)."""
+    if work.vae_tile != "auto":
+        return work
+    edge = -(-max(work.height, work.width) // 16)
+    for tile in [None] + list(range(edge - 1, AUTO_TILE_FLOOR - 1, -1)):
+        option = dataclasses.replace(work, vae_tile=tile)
+        if stage_peaks(sizes, option, offload, act)["vae"] + act.reserve <= free_bytes:
+            return option
+    return dataclasses.replace(work, vae_tile=AUTO_TILE_FLOOR)
+
+
 def plan(free_bytes: int, sizes: ModelSizes, work: Workload, requested: OffloadConfig,
          act: ActivationModel = ActivationModel()) -> Plan:
     """``requested.mode == "auto"``: the fastest mode that fits ``free_bytes``. Otherwise the
@@ -217,19 +278,23 @@ def plan(free_bytes: int, sizes: ModelSizes, work: Workload, requested: OffloadC
     else:
         options = candidates(sizes, requested.prefetch)
     for option in options:
-        p = estimate(sizes, work, option, act)
+        p = estimate(sizes, resolve_vae_tile(free_bytes, sizes, work, option, act), option, act)
         if p.peak <= free_bytes:
             return p
     least = min((estimate(sizes, work, o, act) for o in candidates(sizes, requested.prefetch)),
                 key=lambda p: p.peak)
     asked = estimate(sizes, work, options[0], act) if requested.mode != "auto" else least
-    hints = [h for h, on in (("--cfg_sequential", not work.cfg_sequential),
-                             ("--ff_chunk 8192", work.ff_chunk == 0)) if on]
+    hints = [h for h, change in (("--cfg_sequential", dict(cfg_sequential=True)),
+                                 ("--ff_chunk 8192", dict(ff_chunk=8192)),
+                                 ("--vae_tile auto", dict(vae_tile="auto")))
+             if estimate(sizes, dataclasses.replace(work, **change), least.offload, act).peak
+             < least.peak]
     raise PlanError(
         f"{'--offload ' + requested.mode if requested.mode != 'auto' else 'this run'} needs "
         f"{asked.peak / GiB:.1f} GiB but {free_bytes / GiB:.1f} GiB is free; the smallest card "
         f"for it is {smallest_card(least.peak)} ({least.describe()})"
-        + (f"; {' and '.join(hints)} lower the peak" if hints else ""))
+        + (f"; {' and '.join(hints)} lower{'s' if len(hints) == 1 else ''} the peak" if hints
+           else ""))
 
 
 def workload_for(num_frames: int, height: int, width: int, batch: int = 2, **options) -> Workload:
@@ -238,8 +303,8 @@ def workload_for(num_frames: int, height: int, width: int, batch: int = 2, **opt
 
     size = VideoSize.rounded(num_frames, height, width)
     shape = size.latent_shape(1, 64)
-    return dataclasses.replace(Workload(batch=batch, **options), pixels=size.height * size.width,
-                               tokens=shape[1] * shape[3] * shape[4])
+    return dataclasses.replace(Workload(batch=batch, **options), height=size.height,
+                               width=size.width, tokens=shape[1] * shape[3] * shape[4])
 
 
 # --- the run's options and the runner's entry -----------------------------------------------------
@@ -352,11 +417,13 @@ def plan_request(req, dit_cfg, device):
 
         vae_width = resolve_config(resolve_checkpoint(os.path.join(req.model_dir, "vae")),
                                    None).decoder_ch / 128
+    from .vae.local import parse_tile
+
     par = req.parallel
     work = workload_for(req.num_frames, req.height, req.width, batch=max(2 // par.cfg_degree, 1),
                         dtype_bytes=dtype_bytes, cfg_sequential=m.cfg_sequential,
                         ff_chunk=m.ff_chunk, compiled=req.compile, text_on_device=text,
-                        vae_on_device=vae, vae_width=vae_width)
+                        vae_on_device=vae, vae_width=vae_width, vae_tile=parse_tile(req.vae_tile))
     work = dataclasses.replace(work, tokens=-(-work.tokens // (par.ulysses_degree * par.ring_degree)))
     p = plan(torch.cuda.mem_get_info(device)[0], sizes, work, m.offload)
     return dataclasses.replace(m, offload=p.offload), p
