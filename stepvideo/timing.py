@@ -54,3 +54,79 @@ def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float
             sync(device)
             times.append(time.perf_counter() - start)
     return times
+
+
+# --- copies: what a forward writes without computing anything --------------------------------
+
+COPY_OPS = ("copy_", "clone", "cat", "stack", "_to_copy", "constant_pad_nd")
+
+
+class OpCensus:
+    """Counts the aten ops a region runs (``with OpCensus() as c: ...``) as the dispatcher sees
+    them, below autograd: ``ops`` name -> calls and ``written`` name -> bytes of their outputs.
+    Copy ops (``COPY_OPS``: ``.contiguous()``, a non-view ``reshape``, ``cat``, a dtype cast...)
+    are also listed by the ``stepvideo`` source line that issued them, in ``copy_sites``."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        census = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                census._record(func, out)
+                return out
+
+        self._mode = _Mode()
+        self.ops: dict[str, int] = {}
+        self.written: dict[str, int] = {}
+        self.copy_sites: dict[str, dict] = {}
+
+    def __enter__(self) -> "OpCensus":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def _record(self, func, out) -> None:
+        name = func.__name__.split(".")[0]
+        nbytes = sum(t.numel() * t.element_size() for t in _tensors(out))
+        self.ops[name] = self.ops.get(name, 0) + 1
+        self.written[name] = self.written.get(name, 0) + nbytes
+        if name in COPY_OPS:
+            site = self.copy_sites.setdefault(f"{name} at {_caller()}", {"calls": 0, "bytes": 0})
+            site["calls"] += 1
+            site["bytes"] += nbytes
+
+    @property
+    def copies(self) -> int:
+        return sum(self.ops.get(n, 0) for n in COPY_OPS)
+
+    @property
+    def copy_bytes(self) -> int:
+        return sum(self.written.get(n, 0) for n in COPY_OPS)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _caller() -> str:
+    """``file:line (function)`` of the innermost ``stepvideo`` frame on the Python stack, skipping
+    this module."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if "/stepvideo/" in path and not path.endswith("/timing.py"):
+            short = path[path.rindex("/stepvideo/") + 1:]
+            return f"{short}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "outside stepvideo"
