@@ -130,6 +130,15 @@ def test_rope_is_position_sensitive(spec):
     assert (shifted - io["output"]).abs().max() > 1e-2
 
 
+def test_rope_of_bf16_is_computed_in_float32():
+    """A bf16 x is promoted inside the kernels (no float32 copy of it): the result is exactly
+    float32 RoPE rounded once to bf16."""
+    x = torch.randn(2, 60, 4, 128, generator=torch.Generator().manual_seed(0)).bfloat16()
+    rope = rope_tables(3, 4, 5)
+    got = apply_rope(x, rope)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, apply_rope(x.float(), rope).bfloat16())
+
+
 def test_census_sees_layout_copies():
     x = torch.randn(4, 6)
     with torch.inference_mode(), OpCensus() as census:

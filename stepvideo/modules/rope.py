@@ -46,14 +46,14 @@ def apply_rope(x: torch.Tensor, rope: Rope, split: tuple[int, int, int] = ROPE_S
     """Rotate x (B, S, H, D) by tables (S, D); computed in float32, returned in x's dtype.
 
     Each part's halves (a, b) become (a cos - b sin, b cos + a sin): ``x * cos`` once, then each
-    half adds its partner times sin in place, so no rotated copy of x is built."""
-    xf = x.float()
+    half adds its partner times sin in place, so no rotated copy of x is built. The float32 tables
+    promote x (exactly) inside each kernel: a bf16 x is not copied to float32 first."""
     cos, sin = rope.cos[:, None], rope.sin[:, None]  # (S, 1, D): broadcast over batch and heads
-    out = xf * cos
+    out = x * cos  # float32
     start = 0
     for width in split:
         a, b = slice(start, start + width // 2), slice(start + width // 2, start + width)
-        out[..., a].addcmul_(xf[..., b], sin[..., a], value=-1)
-        out[..., b].addcmul_(xf[..., a], sin[..., b])
+        out[..., a].addcmul_(x[..., b], sin[..., a], value=-1)
+        out[..., b].addcmul_(x[..., a], sin[..., b])
         start += width
     return out.to(x.dtype)
