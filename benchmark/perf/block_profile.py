@@ -69,8 +69,9 @@ def op_table(prof, top: int) -> dict:
     for name, us, _ in rows:
         shares[categorize(name)] = shares.get(categorize(name), 0.0) + us / total
     rows.sort(key=lambda r: -r[1])
-    return {"total_ms": total / 1e3,
-            "by_category": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+    by_category = dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+    return {"total_ms": total / 1e3, "by_category": by_category,
+            "by_category_ms": {c: share * total / 1e3 for c, share in by_category.items()},
             "top": [{"op": n, "ms": us / 1e3, "share": us / total, "calls": c,
                      "category": categorize(n)} for n, us, c in rows[:top]]}
 
@@ -89,7 +90,8 @@ def report(result: dict) -> None:
     p, c = result["profile"], result["census"]
     print(f"\nblock forward: median {result['median_ms']:.1f} ms over {len(result['times_s'])} "
           f"(profiled aten self time {p['total_ms']:.1f} ms)")
-    print("by category: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in p["by_category"].items()))
+    print("by category: " + ", ".join(f"{k} {100 * v:.1f}% ({p['by_category_ms'][k]:.0f} ms)"
+                                      for k, v in p["by_category"].items()))
     print(f"\n{'aten op':42} {'self ms':>9} {'share':>7} {'calls':>6}  category")
     for r in p["top"]:
         print(f"{r['op'][:42]:42} {r['ms']:9.2f} {100 * r['share']:6.1f}% {r['calls']:6d}  "
