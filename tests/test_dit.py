@@ -17,6 +17,8 @@ from stepvideo.conformance import assert_close, load_json, load_tensors
 from stepvideo.modules.layers import timestep_sinusoid
 from stepvideo.modules.model import PRESETS, DiTConfig, StepVideoModel
 from stepvideo.modules.rope import Rope, apply_rope, rope_tables
+from stepvideo.synthetic import random_model
+from stepvideo.timing import OpCensus
 from stepvideo.weights import CheckpointError, load_state_dict_strict
 
 
@@ -126,6 +128,40 @@ def test_rope_is_position_sensitive(spec):
     cos, sin = rope_tables(f, h, w, io["x"].shape[-1])
     shifted = apply_rope(io["x"], Rope(cos.roll(h * w, 0), sin.roll(h * w, 0)))
     assert (shifted - io["output"]).abs().max() > 1e-2
+
+
+def test_rope_of_bf16_is_computed_in_float32():
+    """A bf16 x is promoted inside the kernels (no float32 copy of it): the result is exactly
+    float32 RoPE rounded once to bf16."""
+    x = torch.randn(2, 60, 4, 128, generator=torch.Generator().manual_seed(0)).bfloat16()
+    rope = rope_tables(3, 4, 5)
+    got = apply_rope(x, rope)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, apply_rope(x.float(), rope).bfloat16())
+
+
+def test_census_sees_layout_copies():
+    x = torch.randn(4, 6)
+    with torch.inference_mode(), OpCensus() as census:
+        x.reshape(-1), x.t().reshape(-1), x.t().contiguous(), torch.cat([x, x])
+    assert census.copies == 3 and census.copy_bytes == 4 * (24 + 24 + 48)
+
+
+def test_block_forward_makes_no_copies():
+    """A block (batch 2, text mask, uneven grid) runs without a copy op: no rotate-half cat in
+    RoPE, no .contiguous() around attention (it had 8 RoPE cats per block)."""
+    cfg = PRESETS["tiny"]
+    model = random_model(cfg, torch.device("cpu"), torch.float32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    d = cfg.inner_dim
+    x, context = torch.randn(2, 60, d, generator=g), torch.randn(2, 9, d, generator=g)
+    t_mod = 0.02 * torch.randn(2, 6 * d, generator=g)
+    rope, kv_lens = rope_tables(3, 4, 5), torch.tensor([9, 6])
+    with torch.inference_mode(), OpCensus() as census:
+        out = model.transformer_blocks[0](x, context, t_mod, rope, kv_lens, model.plan, 60)
+    assert out.shape == x.shape and out.isfinite().all()
+    assert census.ops.get("scaled_dot_product_attention", 0) + census.ops.get(
+        "_scaled_dot_product_flash_attention_for_cpu", 0) == 2  # the census saw the forward
+    assert census.copies == 0, census.copy_sites
 
 
 def test_full_size_keys_match_manifest():

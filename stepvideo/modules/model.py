@@ -241,10 +241,9 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(
             t_mod, x.shape[0])
         attn = self.attn1(modulate(self.norm1(x), shift_msa, scale_msa), rope, plan, seq_len)
-        x = x + gate_msa * attn
+        x = torch.addcmul(x, gate_msa, attn)  # x + gate_msa * attn
         x = x + self.attn2(x, context, kv_lens)
-        x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return torch.addcmul(x, gate_mlp, self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 @dataclass

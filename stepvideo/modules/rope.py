@@ -42,16 +42,18 @@ def rope_tables(frames: int, height: int, width: int, head_dim: int = 128,
     return Rope(theta.cos(), theta.sin())
 
 
-def _rotate_half(x: torch.Tensor, split: tuple[int, ...]) -> torch.Tensor:
-    parts = []
-    for p in x.split(list(split), dim=-1):
-        a, b = p.chunk(2, dim=-1)
-        parts.append(torch.cat([-b, a], dim=-1))
-    return torch.cat(parts, dim=-1)
-
-
 def apply_rope(x: torch.Tensor, rope: Rope, split: tuple[int, int, int] = ROPE_SPLIT) -> torch.Tensor:
-    """Rotate x (B, S, H, D) by tables (S, D); computed in float32, returned in x's dtype."""
-    xf = x.float()
-    cos, sin = rope.cos[None, :, None, :], rope.sin[None, :, None, :]
-    return (xf * cos + _rotate_half(xf, split) * sin).to(x.dtype)
+    """Rotate x (B, S, H, D) by tables (S, D); computed in float32, returned in x's dtype.
+
+    Each part's halves (a, b) become (a cos - b sin, b cos + a sin): ``x * cos`` once, then each
+    half adds its partner times sin in place, so no rotated copy of x is built. The float32 tables
+    promote x (exactly) inside each kernel: a bf16 x is not copied to float32 first."""
+    cos, sin = rope.cos[:, None], rope.sin[:, None]  # (S, 1, D): broadcast over batch and heads
+    out = x * cos  # float32
+    start = 0
+    for width in split:
+        a, b = slice(start, start + width // 2), slice(start + width // 2, start + width)
+        out[..., a].addcmul_(x[..., b], sin[..., a], value=-1)
+        out[..., b].addcmul_(x[..., a], sin[..., b])
+        start += width
+    return out.to(x.dtype)

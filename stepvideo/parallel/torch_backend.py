@@ -52,12 +52,10 @@ class Groups:
         return len(self.groups[name][1])
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """Exchange equal chunks of dim 0 between the ranks of ``group``."""
-    x = x.contiguous()
-    out = torch.empty_like(x)  # same (contiguous) strides as x, as all_to_all_single writes
-    dist.all_to_all_single(out, x, group=group)
-    return out
+def _all_to_all_async(out: torch.Tensor, x: torch.Tensor, group):
+    """Start exchanging equal chunks of dim 0 of the contiguous ``x`` between the ranks of
+    ``group`` (rank r receives every rank's chunk r into ``out``, in rank order); returns the work."""
+    return dist.all_to_all_single(out, x, group=group, async_op=True)
 
 
 def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -97,32 +95,44 @@ class UlyssesPlan:
         x = _all_gather(x, self.g.group("ring"), dim) if self.g.size("ring") > 1 else x
         return x.narrow(dim, 0, seq_len)
 
-    def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S/U, H, d) this rank's tokens, all heads -> (B, S, H/U, d) all tokens, its heads."""
-        u = self.g.size("ulysses")
-        x = rearrange(x, "b s (u h) d -> u b s h d", u=u)  # chunk i goes to rank i
-        x = _all_to_all(x, self.g.group("ulysses"))  # dim 0 now indexes the sequence chunk
-        return rearrange(x, "u b s h d -> b (u s) h d")
-
-    def _heads_to_seq(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse: (B, S, H/U, d) -> (B, S/U, H, d)."""
-        u = self.g.size("ulysses")
-        x = rearrange(x, "b (u s) h d -> u b s h d", u=u)
-        x = _all_to_all(x, self.g.group("ulysses"))  # dim 0 now indexes the head chunk
-        return rearrange(x, "u b s h d -> b s (u h) d")
-
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        seq_len: int) -> torch.Tensor:
-        ulysses = self.g.size("ulysses") > 1
-        if ulysses:
-            q, k, v = (self._seq_to_heads(t) for t in (q, k, v))
+        """Ulysses: q, k, v (B, S/U, H, d) go out per sample as (U, S/U, H/U, d), chunk i (the
+        heads of rank i) to rank i, and come back as (U, S/U, H/U, d) = (S, H/U, d), a view
+        attention reads as is. Every exchange is started at once: sample i's attention runs as
+        soon as its q, k, v have arrived, while later samples are still in flight, and its output
+        goes back while the next sample's attention runs. One copy per tensor each way (the
+        head-chunk-major send buffer of q, k, v; the token-major output for ``wo``)."""
+        u = self.g.size("ulysses")
+        if u == 1:
+            return self._attend(q, k, v, seq_len)
+        group = self.g.group("ulysses")
+        b, s, heads, d = q.shape
+        sent = [rearrange(t, "b s (u h) d -> b u s h d", u=u).contiguous() for t in (v, k, q)]
+        got = [torch.empty_like(t) for t in sent]
+        works = [[_all_to_all_async(r[i], t[i], group) for i in range(b)] for r, t in zip(got, sent)]
+        back = q.new_empty(b, u, s, heads // u, d)  # sample i: rank j's heads of this rank's tokens
+        returns = []
+        for i in range(b):
+            for w in works:
+                w[i].wait()
+            vi, ki, qi = (r[i].view(1, u * s, heads // u, d) for r in got)  # (1, S, H/U, d)
+            out = self._attend(qi, ki, vi, seq_len).contiguous().view(u, s, heads // u, d)
+            returns.append((_all_to_all_async(back[i], out, group), out))  # out kept until sent
+        for w, _ in returns:
+            w.wait()
+        return rearrange(back, "b u s h d -> b s (u h) d")  # (B, S/U, H, d)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                seq_len: int) -> torch.Tensor:
+        """Attention of this rank's heads over all tokens; across the ring group the keys and
+        values are all-gathered first."""
         if self.g.size("ring") > 1:
             k = _all_gather(k, self.g.group("ring"), 1)
             v = _all_gather(v, self.g.group("ring"), 1)
         # Padded tokens sit at the end of the full sequence: drop them as keys (queries on padding
         # are computed and later discarded by gather).
-        out = attention(q, k[:, :seq_len], v[:, :seq_len])
-        return self._heads_to_seq(out) if ulysses else out
+        return attention(q, k[:, :seq_len], v[:, :seq_len])
 
 
 class ColumnParallelLinear(nn.Module):
