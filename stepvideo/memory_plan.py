@@ -100,31 +100,31 @@ class ActivationModel:
     and sample in flight. Measured on the CPU with the live-tensor meter (``stepvideo.memtrack``:
     the tensors the ops allocate, the same set on a GPU), released width, random weights, 2 blocks,
     batch 2, 256 and 512 tokens (``benchmark/perf/activation_rows.py``,
-    ``benchmark/results/cpu_activation_rows.json``):
+    ``benchmark/results/cpu_activation_rows.json``); slopes over the two token counts:
 
-    - self-attention (``rows``): 16 rows in bf16 (slope 16.04 = 16 + the RoPE tables), at the key's
-      RoPE: block input and the held embedding output, the modulated input, qkv (3), q, k, and the
-      RoPE's float32 temporaries (2 rows each in bf16). In float32 those casts are no-ops:
-      ``rows_fp32`` = 11 (10 measured at 1 block, + 1 from depth, below);
-    - feed-forward (``ff_phase_rows``): 13 rows (float32, 1 block: 12, + 1), no float32 casts, so
-      the same in bf16; the (S, 4D) hidden state and its GELU are ``ff_rows`` = 8 of them.
-      ``--ff_chunk c`` leaves 8 c / S of those plus the chunks' concatenation (1 row). In bf16 the
-      attention phase is the peak, so ``--ff_chunk`` does not lower it (measured: 16.04 with and
-      without); in float32 it does (12.1 -> 10.1 measured at 1 block).
-    - depth: 2 blocks hold 1 row more than 1 (the embedded input stays referenced by
-      ``Embedded`` while later blocks run); under no_grad nothing else accumulates;
-    - ``--cfg_sequential``: one sample in flight, each waiting sample holds ``held_rows`` = 3
-      (its block input, the embedded input and its finished block output; measured 3.04 - RoPE);
+    - feed-forward (``ff_phase_rows``): 12 rows (bf16 slope 12.04 = 12 + the RoPE tables; fp32 the
+      same): the block's input and residuals, the modulated input, and the (S, 4D) hidden state and
+      its GELU, ``ff_rows`` = 8 of the 12. ``--ff_chunk c`` leaves 8 c / S of those plus the
+      chunks' concatenation (1 row), and then the attention phase is the peak;
+    - self-attention (``rows``): 10 rows in bf16 (measured with ``--ff_chunk 64``: 10.07 - RoPE),
+      9 in float32 (``rows_fp32``): q, k, v and their projections, and RoPE's product with the
+      float32 tables (float32, 2 rows of bf16 per tensor, one tensor at a time);
+    - depth: 1 and 2 blocks peak at the same bytes: ``blocks()`` takes the embedded input out of
+      ``Embedded``, so nothing holds it after the first block, and under no_grad nothing
+      accumulates;
+    - ``--cfg_sequential``: one sample in flight, each waiting sample holds ``held_rows`` = 2 (its
+      block input and its finished block output; measured 2.04 - RoPE);
     - ``rope_bytes``: the cos/sin tables, (S, 128) float32 each, per token, any batch.
 
     Not modelled: terms that do not grow with the video (text context (B, L, D), AdaLN
     modulations (2 x B x 6D), t_emb (B, D): 0.7 MB at L = 16, 10 MB at L = 397); kernel workspaces
     and allocator rounding (``reserve``). Cross-check against the GPU: an H200 (bf16, 75,888 tokens
     x 2, benchmark/results/h200_dit_*) measured 15.1 rows at 1 and at 48 blocks with the forward of
-    that time, which did not hold the embedded input (CPU, 1 block: 15.15 incl. the text terms),
-    so workspaces add < 0.1 row there. ``rows_compiled``: the H200 ``--compile`` peak (10.1 rows)
-    + the held input row; compiled phases were not measured on the CPU, so ``--ff_chunk`` is not
-    credited under ``--compile``.
+    that time (bf16 q/k copied to float32 before RoPE: 15.15 rows on the CPU for that code, 1
+    block, text terms included), so workspaces added < 0.1 row there; the copy-free RoPE and the
+    released embedded input are what took it to 12, not yet measured on a GPU. ``rows_compiled``:
+    the H200 ``--compile`` peak (10.1 rows); compiled phases were not measured on the CPU, so
+    ``--ff_chunk`` is not credited under ``--compile``.
 
     VAE: ``vae_chunk`` is the H200-measured peak of one untiled 544 x 992 chunk in bf16 (28.0 GiB
     less weights). On the CPU the ops' tensors of a decode are exactly proportional to the decoded
@@ -136,12 +136,12 @@ class ActivationModel:
     Text: Step-1's 2 x 320 tokens (36.6 GiB peak, H200) less its weights, rounded up.
     """
 
-    rows: float = 16.0
-    rows_fp32: float = 11.0
-    ff_phase_rows: float = 13.0
+    rows: float = 10.0
+    rows_fp32: float = 9.0
+    ff_phase_rows: float = 12.0
     ff_rows: float = 8.0
-    held_rows: float = 3.0
-    rows_compiled: float = 11.1
+    held_rows: float = 2.0
+    rows_compiled: float = 10.1
     rope_bytes: int = 2 * 128 * 4
     vae_chunk: int = int(27.0 * GiB)  # 544 x 992, decoder width 128
     vae_tile_accumulators: int = 3 * 17 * 4 + 4  # bytes per frame pixel (tiled decode only)

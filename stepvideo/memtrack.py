@@ -93,7 +93,7 @@ def dit_peak_bytes(model, inputs: dict, blocks: int | None = None) -> int:
 
     def run():
         e = model.embed(**inputs)
-        return model.head(e, model.blocks(e, e.x, 0, blocks))
+        return model.head(e, model.blocks(e, None, 0, blocks))
 
     with torch.no_grad():
         return peak_live_bytes(run)

@@ -186,10 +186,10 @@ def test_planner_picks_the_fastest_mode_that_fits(full_sizes):
     bf16 = full_sizes[False]
     full = Workload()  # 204 x 544 x 992, CFG batch 2, every model in the process
     assert plan(139 * GiB, bf16, full, OffloadConfig("auto")).offload.mode == "none"
-    # 80 GB: the three models (92 GiB) do not fit together; the DiT step alone at batch 2 would
-    # (80.9 GiB measured) only just not: stream a few blocks, or run CFG sequentially.
+    # 80 GB: the three models (92 GiB) do not fit together; the DiT stage alone does (54.7 GiB of
+    # weights + 12 rows x 2 samples = 20.9 GiB): each model on the GPU for its stage
     p80 = plan(79 * GiB, bf16, full, OffloadConfig("auto"))
-    assert p80.offload.mode == "block" and p80.offload.resident_blocks > 35
+    assert p80.offload.mode == "model" and 70 * GiB < p80.peak <= 79 * GiB
     seq = dataclasses.replace(full, cfg_sequential=True)
     assert plan(79 * GiB, bf16, seq, OffloadConfig("auto")).offload.mode == "model"
     p48 = plan(int(44.5 * GiB), bf16, seq, OffloadConfig("auto"))
@@ -240,11 +240,11 @@ def test_an_impossible_request_names_the_card(full_sizes):
     with pytest.raises(PlanError, match=r"--offload none needs .* GiB but 44.5 GiB is free; the "
                                         r"smallest card for it is 48 GB"):
         plan(int(44.5 * GiB), bf16, seq, OffloadConfig("none"))
-    # FP8 weights (27.7 GiB) + one sample in flight (16 rows) + the waiting one (3 rows) just
-    # miss a 48 GB card with the whole DiT resident; streaming 4 of the 48 blocks fits
+    # FP8 weights (27.7 GiB) + one sample in flight (12 rows) + the waiting one (2 rows) fit a
+    # 48 GB card with the whole DiT resident (the VAE untiled: its 28 GiB stage is the largest)
     fp8_model = estimate(fp8, seq, OffloadConfig("model"))
-    assert 44.5 * GiB < fp8_model.peak < 46 * GiB and smallest_card(fp8_model.peak) == "80 GB"
-    assert plan(int(44.5 * GiB), fp8, seq, OffloadConfig("auto")).offload.resident_blocks == 44
+    assert 40 * GiB < fp8_model.peak < 44.5 * GiB and smallest_card(fp8_model.peak) == "48 GB"
+    assert plan(int(44.5 * GiB), fp8, seq, OffloadConfig("auto")).offload.mode == "model"
     with pytest.raises(PlanError, match=r"smallest card for it is 24 GB"):
         plan(8 * GiB, fp8, dataclasses.replace(seq, vae_tile=16), OffloadConfig("auto"))
 
@@ -364,11 +364,11 @@ def zero_dit(blocks: int, dtype: torch.dtype) -> StepVideoModel:
 def test_activation_model_matches_the_measured_dit_peak(dtype):
     """Peak activation bytes of a 2-block full-width DiT forward (64 tokens x CFG batch 2, 16 text
     tokens), measured by the meter, against ``ActivationModel.dit``. The model leaves out what does
-    not grow with the video: the text context (B, L, D), t_mod and a block's modulations
-    (B x 6D each) and t_emb (B, D), in the compute dtype, and kv_lens (B int64): that sum is the
-    bound, and the measured peak may exceed the model by no more. --cfg_sequential lowers the
-    peak; --ff_chunk lowers it in float32 only (in bf16 the self-attention's float32 RoPE
-    temporaries, not the feed-forward, hold the peak)."""
+    not grow with the video: the text context (B, L, D) and, in the cross-attention, its key and
+    value projections (two more), t_mod and a block's modulations (B x 6D each) and t_emb (B, D),
+    in the compute dtype, and kv_lens (B int64): that sum is the bound (less than one row of the
+    video here), and the measured peak may exceed the model by no more. --cfg_sequential and
+    --ff_chunk each lower the peak, in both dtypes."""
     from stepvideo import synthetic
     from stepvideo.memtrack import dit_peak_bytes
 
@@ -387,10 +387,8 @@ def test_activation_model_matches_the_measured_dit_peak(dtype):
         peaks[name] = dit_peak_bytes(model, inputs)
         expected = act.dit(tokens, batch, dim, elem, sequential, ff_chunk, False)
         in_flight = 1 if sequential else batch
-        bound = (batch * text + 6 * batch + 6 * in_flight + batch) * dim * elem + 8 * batch
+        bound = (3 * batch * text + 6 * batch + 6 * in_flight + batch) * dim * elem + 8 * batch
         assert 0 <= peaks[name] - expected <= bound, (name, peaks[name], expected, bound)
-    if dtype == torch.float32:
-        assert peaks["ff_chunk"] < peaks["plain"]
-    else:
-        assert peaks["ff_chunk"] == peaks["plain"]
+    assert peaks["ff_chunk"] < 0.9 * peaks["plain"]
+    if dtype == torch.bfloat16:
         assert peaks["cfg_sequential"] < 0.65 * peaks["plain"]

@@ -252,7 +252,7 @@ class Embedded:
     (B, L, D) and its lengths, AdaLN-Single's t_mod (B, 6D) and t_emb (B, D), the sharded RoPE
     tables and the latent grid (F, h, w)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None  # None once ``blocks()`` has taken the tokens
     context: torch.Tensor
     kv_lens: torch.Tensor | None
     t_mod: torch.Tensor
@@ -370,7 +370,7 @@ class StepVideoModel(nn.Module):
                 encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True):
         e = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_2,
                        encoder_attention_mask)
-        x = self.blocks(e, e.x)  # (B, S, D)
+        x = self.blocks(e)  # (B, S, D)
         out = self.head(e, x)  # (B, F, C, H, W)
         return {"x": out} if return_dict else out
 
@@ -398,9 +398,14 @@ class StepVideoModel(nn.Module):
         x = self.plan.shard(x, 1)  # (B, S, D): this rank's tokens
         return Embedded(x, context, kv_lens, t_mod, t_emb, rope, (f, h, w))
 
-    def blocks(self, e: "Embedded", x: torch.Tensor, start: int = 0,
+    def blocks(self, e: "Embedded", x: torch.Tensor | None = None, start: int = 0,
                stop: int | None = None) -> torch.Tensor:
-        """Blocks ``start:stop`` on this rank's tokens x (B, S, D)."""
+        """Blocks ``start:stop`` on this rank's tokens x (B, S, D). Without ``x`` the tokens are
+        taken out of ``e`` (``e.x`` becomes None), so that nothing holds the embedded input once
+        the first block has run: one row of (B, S, D) less at the peak. A caller that needs the
+        input afterwards (a step cache's residual) passes it."""
+        if x is None:
+            x, e.x = e.x, None
         for block in self.transformer_blocks[start:stop]:
             x = block(x, e.context, e.t_mod, e.rope, e.kv_lens, self.plan, e.seq_len)
         return x
@@ -414,7 +419,7 @@ class StepVideoModel(nn.Module):
 
     def valid_tokens(self, e: "Embedded") -> torch.Tensor:
         """(1, S, 1): 1 for this rank's real tokens, 0 for the padding of an uneven split."""
-        return self.plan.shard(e.x.new_ones(1, e.seq_len, 1), 1)
+        return self.plan.shard(e.context.new_ones(1, e.seq_len, 1), 1)
 
     def first_block_input(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """This rank's tokens as the first block's self-attention sees them (B, S, D), padding
