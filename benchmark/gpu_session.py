@@ -11,7 +11,7 @@ and the memory modes the rest), so a later topic is not starved by an earlier on
 
 Topics (script, issue, typical time on one H200):
   speed     benchmark/gpu_speed.py       issue 13: attention matrix, block, error, profile, step  ~8 min
-  one_gpu   benchmark/one_gpu.py         issue 11: one CFG step per memory mode, 80/48/24 GB caps  ~7 min
+  one_gpu   benchmark/one_gpu.py         issue 11: one CFG step per memory mode, 80/48/24 GB caps  ~8 min
   vae       benchmark/gpu_vae.py         issue 12: tiled full-size VAE decode, peak and time      ~4 min
   cache     benchmark/perf/cache_quality.py --random_dit   issue 16: step-cache speed            ~6 min
 

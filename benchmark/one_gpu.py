@@ -12,12 +12,14 @@ What is not emulated: a smaller card's slower PCIe link or memory bandwidth, the
 
 Checks (exit 1 when one fails; the table says which): every capped mode runs its step (the card
 class fits the full video); at 48 GB the mode within 1.3x of ``none``'s time and at 24 GB within 2x
-(the issue's targets; on the GPU only: toy CPU times say nothing); a mode that differs from another run mode only in residency (``--offload``) or
-in the cap gives the bit-identical velocity (same kernels, same order). ``--cfg_sequential`` and
+(the issue's targets; on the GPU only: toy CPU times say nothing); the planner's expected peak
+is at least the measured peak (``max_memory_allocated``; an underestimate would be an
+out-of-memory error on a real card); a mode that differs from another run mode only in residency
+(``--offload``) or in the cap gives the bit-identical velocity (same kernels, same order). ``--cfg_sequential`` and
 ``--ff_chunk`` change the matmuls' row counts, which cuBLAS may answer with other kernels: their
 difference from ``none`` is reported, not checked. FP8 storage is reported (approximate).
 
-GPU (about 7 minutes on an H200; results are written after every mode, so a cut-off run keeps
+GPU (about 8 minutes on an H200; results are written after every mode, so a cut-off run keeps
 what it measured; a mode that would overrun ``--budget-s`` is skipped and listed):
 
     python benchmark/one_gpu.py --json $OUT/one_gpu.json
@@ -57,6 +59,7 @@ MODES = {
     "80gb_none_seq": ("80 GB", 79.0, MemoryOptions(cfg_sequential=True)),
     "80gb_auto": ("80 GB", 79.0, MemoryOptions(AUTO)),
     "48gb_auto_seq": ("48 GB", 44.5, MemoryOptions(AUTO, cfg_sequential=True)),
+    "24gb_auto_seq_chunk": ("24 GB", 23.0, MemoryOptions(AUTO, cfg_sequential=True, ff_chunk=8192)),
     "24gb_block0_seq_chunk": ("24 GB", 23.0, MemoryOptions(OffloadConfig("block"), cfg_sequential=True,
                                                           ff_chunk=8192)),
     "48gb_fp8_seq": ("48 GB", 44.5, MemoryOptions(cfg_sequential=True, quantize="fp8_weight")),
@@ -253,6 +256,10 @@ def checks(out: dict) -> list[dict]:
         if limit and r["offload"] == "block" and "slowdown_vs_none" in r:
             res.append({"check": f"{r['mode']}: block within {limit}x of none at {r['card']}",
                         "ok": r["slowdown_vs_none"] <= limit, "value": r["slowdown_vs_none"]})
+        if "peak_allocated_gib" in r:  # the planner must not promise less than the step takes
+            res.append({"check": f"{r['mode']}: planner's peak covers the measured one",
+                        "ok": r["peak_allocated_gib"] <= r["planner_expected_peak_gib"],
+                        "value": [r["peak_allocated_gib"], r["planner_expected_peak_gib"]]})
         twin = next((o for o in rows.values() if o is not r and o["mode"] < r["mode"]
                      and o["quantize"] == r["quantize"] == "none"
                      and (o["cfg_sequential"], o["ff_chunk"]) == (r["cfg_sequential"], r["ff_chunk"])

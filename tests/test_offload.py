@@ -306,6 +306,7 @@ def test_gpu_script_runs_at_tiny_size(tmp_path):
     slow, auto = bad["rows"][1], bad["rows"][2]
     slow["slowdown_vs_none"] = 3.0
     auto["velocity_sha1"] = "0" * 16
+    auto["peak_allocated_gib"] = auto["planner_expected_peak_gib"] + 0.5  # the plan promised less
     bad["rows"].append(dict(auto, mode="48gb_auto_seq", card="48 GB", error="OutOfMemoryError: x"))
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert one_gpu.main(["--render", str(tmp_path / "bad.json")]) == 1
@@ -313,6 +314,7 @@ def test_gpu_script_runs_at_tiny_size(tmp_path):
     assert any("within 2.0x" in c for c in failed)
     assert any("bit-identical" in c for c in failed)
     assert "48gb_auto_seq: the 48 GB class runs the step" in failed
+    assert "80gb_auto: planner's peak covers the measured one" in failed
 
 
 def test_offload_under_compile_is_exact_without_recompiles():
