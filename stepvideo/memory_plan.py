@@ -102,13 +102,17 @@ class ActivationModel:
     batch 2, 256 and 512 tokens (``benchmark/perf/activation_rows.py``,
     ``benchmark/results/cpu_activation_rows.json``); slopes over the two token counts:
 
-    - feed-forward (``ff_phase_rows``): 12 rows (bf16 slope 12.04 = 12 + the RoPE tables; fp32 the
-      same): the block's input and residuals, the modulated input, and the (S, 4D) hidden state and
-      its GELU, ``ff_rows`` = 8 of the 12. ``--ff_chunk c`` leaves 8 c / S of those plus the
-      chunks' concatenation (1 row), and then the attention phase is the peak;
-    - self-attention (``rows``): 10 rows in bf16 (measured with ``--ff_chunk 64``: 10.07 - RoPE),
-      9 in float32 (``rows_fp32``): q, k, v and their projections, and RoPE's product with the
-      float32 tables (float32, 2 rows of bf16 per tensor, one tensor at a time);
+    - self-attention (``rows``): 8 rows in bf16 and in float32 (bf16 slope 8.04 = 8 + the RoPE
+      tables): the block input, q, k, v with their projection (3), the attention output and its
+      projection. The norm + modulation feeding the projections is freed inside it (``pre``),
+      q/k's RMSNorm and RoPE run a few heads at a time (``norm_rope``: their float32 temporaries
+      span 8 heads), and each sub-layer's output is freed once added to the residual;
+    - feed-forward (``ff_phase_rows``): at most the same 8 rows: the GELU runs in place under
+      no_grad, so of its (S, 4D) hidden state only one copy (``ff_rows`` = 4) exists. ``--ff_chunk
+      c`` leaves 4 c / S of those plus the chunks' concatenation (1 row); since self-attention
+      holds the same peak, it no longer lowers the eager peak (measured: 8.04 rows with and
+      without). Before these changes the same measurement gave 16.04 rows (12 with ``--ff_chunk``)
+      with the peak at the key's RoPE;
     - depth: 1 and 2 blocks peak at the same bytes: ``blocks()`` takes the embedded input out of
       ``Embedded``, so nothing holds it after the first block, and under no_grad nothing
       accumulates;
@@ -122,7 +126,8 @@ class ActivationModel:
     x 2, benchmark/results/h200_dit_*) measured 15.1 rows at 1 and at 48 blocks with the forward of
     that time (bf16 q/k copied to float32 before RoPE: 15.15 rows on the CPU for that code, 1
     block, text terms included), so workspaces added < 0.1 row there; the copy-free RoPE and the
-    released embedded input are what took it to 12, not yet measured on a GPU. ``rows_compiled``:
+    released embedded input, in-place GELU and per-head norm + RoPE took it to 8, not yet measured
+    on a GPU. ``rows_compiled``:
     the H200 ``--compile`` peak (10.1 rows); compiled phases were not measured on the CPU, so
     ``--ff_chunk`` is not credited under ``--compile``.
 
@@ -136,10 +141,9 @@ class ActivationModel:
     Text: Step-1's 2 x 320 tokens (36.6 GiB peak, H200) less its weights, rounded up.
     """
 
-    rows: float = 10.0
-    rows_fp32: float = 9.0
-    ff_phase_rows: float = 12.0
-    ff_rows: float = 8.0
+    rows: float = 8.0
+    ff_phase_rows: float = 8.0
+    ff_rows: float = 4.0
     held_rows: float = 2.0
     rows_compiled: float = 10.1
     rope_bytes: int = 2 * 128 * 4
@@ -156,7 +160,7 @@ class ActivationModel:
             ff = self.ff_phase_rows
             if 0 < ff_chunk < tokens:
                 ff += 1 - self.ff_rows * (1 - ff_chunk / tokens)
-            rows = max(self.rows if dtype_bytes < 4 else self.rows_fp32, ff)
+            rows = max(self.rows, ff)
         in_flight, held = (1, batch - 1) if sequential else (batch, 0)
         return (int(tokens * dim * dtype_bytes * (rows * in_flight + self.held_rows * held))
                 + tokens * self.rope_bytes)

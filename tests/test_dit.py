@@ -344,3 +344,17 @@ def test_compiled_blocks_match_official(spec, io):
     load_state_dict_strict(m, load_tensors(spec["weights"]["file"], torch.float32))
     m.eval().compile_blocks()
     assert_close(_call(m, io), io["output"], spec["tolerance"], "compiled DiT")
+
+
+def test_inference_gelu_in_place_is_the_same_kernel():
+    """Under no_grad the feed-forward's GELU runs in place (its (B, S, 4D) input and output never
+    both alive); the values are those of the out-of-place GELU autograd uses, bit for bit."""
+    from stepvideo.modules.model import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(32)
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        fast = ff(x)
+    reference = ff(x).detach()  # grad enabled: out-of-place
+    assert torch.equal(fast, reference)

@@ -187,9 +187,9 @@ def test_planner_picks_the_fastest_mode_that_fits(full_sizes):
     full = Workload()  # 204 x 544 x 992, CFG batch 2, every model in the process
     assert plan(139 * GiB, bf16, full, OffloadConfig("auto")).offload.mode == "none"
     # 80 GB: the three models (92 GiB) do not fit together; the DiT stage alone does (54.7 GiB of
-    # weights + 12 rows x 2 samples = 20.9 GiB): each model on the GPU for its stage
+    # weights + 8 rows x 2 samples = 13.9 GiB): each model on the GPU for its stage
     p80 = plan(79 * GiB, bf16, full, OffloadConfig("auto"))
-    assert p80.offload.mode == "model" and 70 * GiB < p80.peak <= 79 * GiB
+    assert p80.offload.mode == "model" and 65 * GiB < p80.peak <= 79 * GiB
     seq = dataclasses.replace(full, cfg_sequential=True)
     assert plan(79 * GiB, bf16, seq, OffloadConfig("auto")).offload.mode == "model"
     p48 = plan(int(44.5 * GiB), bf16, seq, OffloadConfig("auto"))
@@ -208,17 +208,18 @@ def test_planner_picks_the_fastest_mode_that_fits(full_sizes):
 def test_tiled_vae_fits_the_full_run_on_24gb(full_sizes, tile):
     """204 x 544 x 992 with every model in the process on a 24 GB card: --offload block with
     --cfg_sequential fits once the VAE decodes in tiles (a 16-latent-pixel tile's decode is the
-    untiled chunk's per-pixel peak over 256 x 256 pixels); untiled, or with both CFG samples in
-    flight, the smallest card is 48 GB."""
+    untiled chunk's per-pixel peak over 256 x 256 pixels), and so does CFG batch 2 (8 rows per
+    sample in flight); untiled, the smallest card is 48 GB."""
     bf16 = full_sizes[False]
     seq = Workload(cfg_sequential=True, vae_tile=tile)
     p24 = plan(23 * GiB, bf16, seq, OffloadConfig("auto"))
     assert p24.offload.mode == "block" and p24.peak <= 23 * GiB
     block = plan(23 * GiB, bf16, seq, OffloadConfig("block"))
     assert block.peak <= 23 * GiB
-    for work in (dataclasses.replace(seq, vae_tile=None), dataclasses.replace(seq, cfg_sequential=False)):
-        with pytest.raises(PlanError, match=r"smallest card for it is 48 GB"):
-            plan(23 * GiB, bf16, work, OffloadConfig("block"))
+    both = plan(23 * GiB, bf16, dataclasses.replace(seq, cfg_sequential=False), OffloadConfig("auto"))
+    assert both.offload.mode == "block" and both.offload.resident_blocks < p24.offload.resident_blocks
+    with pytest.raises(PlanError, match=r"smallest card for it is 48 GB"):
+        plan(23 * GiB, bf16, dataclasses.replace(seq, vae_tile=None), OffloadConfig("block"))
 
 
 def test_vae_tile_scales_the_decode_with_the_tile_area():
@@ -240,10 +241,10 @@ def test_an_impossible_request_names_the_card(full_sizes):
     with pytest.raises(PlanError, match=r"--offload none needs .* GiB but 44.5 GiB is free; the "
                                         r"smallest card for it is 48 GB"):
         plan(int(44.5 * GiB), bf16, seq, OffloadConfig("none"))
-    # FP8 weights (27.7 GiB) + one sample in flight (12 rows) + the waiting one (2 rows) fit a
-    # 48 GB card with the whole DiT resident (the VAE untiled: its 28 GiB stage is the largest)
+    # FP8 weights (27.7 GiB) + one sample in flight (8 rows) + the waiting one (2 rows) fit a
+    # 48 GB card with the whole DiT resident (the VAE untiled: its 28 GiB stage is the next largest)
     fp8_model = estimate(fp8, seq, OffloadConfig("model"))
-    assert 40 * GiB < fp8_model.peak < 44.5 * GiB and smallest_card(fp8_model.peak) == "48 GB"
+    assert 35 * GiB < fp8_model.peak < 44.5 * GiB and smallest_card(fp8_model.peak) == "48 GB"
     assert plan(int(44.5 * GiB), fp8, seq, OffloadConfig("auto")).offload.mode == "model"
     with pytest.raises(PlanError, match=r"smallest card for it is 24 GB"):
         plan(8 * GiB, fp8, dataclasses.replace(seq, vae_tile=16), OffloadConfig("auto"))
@@ -369,8 +370,9 @@ def test_activation_model_matches_the_measured_dit_peak(dtype):
     not grow with the video: the text context (B, L, D) and, in the cross-attention, its key and
     value projections (two more), t_mod and a block's modulations (B x 6D each) and t_emb (B, D),
     in the compute dtype, and kv_lens (B int64): that sum is the bound (less than one row of the
-    video here), and the measured peak may exceed the model by no more. --cfg_sequential and
-    --ff_chunk each lower the peak, in both dtypes."""
+    video here), and the measured peak may exceed the model by no more. --cfg_sequential lowers
+    the peak; --ff_chunk does not raise it (the feed-forward's phase is no higher than
+    self-attention's since its GELU runs in place)."""
     from stepvideo import synthetic
     from stepvideo.memtrack import dit_peak_bytes
 
@@ -391,6 +393,6 @@ def test_activation_model_matches_the_measured_dit_peak(dtype):
         in_flight = 1 if sequential else batch
         bound = (3 * batch * text + 6 * batch + 6 * in_flight + batch) * dim * elem + 8 * batch
         assert 0 <= peaks[name] - expected <= bound, (name, peaks[name], expected, bound)
-    assert peaks["ff_chunk"] < 0.9 * peaks["plain"]
+    assert peaks["ff_chunk"] <= peaks["plain"]
     if dtype == torch.bfloat16:
         assert peaks["cfg_sequential"] < 0.65 * peaks["plain"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,15 +149,35 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=1e-6)
         self.k_norm = RMSNorm(head_dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, rope: Rope, plan: SequencePlan, seq_len: int) -> torch.Tensor:
-        """x (B, S, D): this rank's S of the video's ``seq_len`` tokens."""
+    def forward(self, x: torch.Tensor, rope: Rope, plan: SequencePlan, seq_len: int,
+                pre: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, S, D): this rank's S of the video's ``seq_len`` tokens; ``pre(x)`` (the block's
+        norm and modulation) is applied inside the projection, so its output is freed once q, k
+        and v exist instead of living through the attention."""
         b, s, _ = x.shape
-        qkv = self.wqkv(x).view(b, s, -1, 3 * self.head_dim)  # per head [q_h | k_h | v_h]
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, S, H, d) each
-        q = apply_rope(self.q_norm(q), rope)
-        k = apply_rope(self.k_norm(k), rope)
+        qkv = self.wqkv(x if pre is None else pre(x)).view(b, s, -1, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, S, H, d) each, per head [q_h | k_h | v_h]
+        q = norm_rope(self.q_norm, q, rope)
+        k = norm_rope(self.k_norm, k, rope)
         out = plan.self_attention(q, k, v, seq_len)  # (B, S, H, d)
         return self.wo(out.reshape(b, s, -1))
+
+
+HEADS_PER_PASS = 8  # norm_rope's float32 temporaries span this many heads at a time
+
+
+def norm_rope(norm: nn.Module, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """``apply_rope(norm(x), rope)`` for x (B, S, H, d), ``HEADS_PER_PASS`` heads at a time into
+    one output: both are per head, so the values are the same, and the float32 temporaries (the
+    norm's and RoPE's) cover a few heads instead of all of them."""
+    heads = x.shape[2]
+    if heads <= HEADS_PER_PASS:
+        return apply_rope(norm(x), rope)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for h in range(0, heads, HEADS_PER_PASS):
+        part = slice(h, h + HEADS_PER_PASS)
+        apply_rope(norm(x[:, :, part]), rope, out=out[:, :, part])
+    return out
 
 
 class CrossAttention(nn.Module):
@@ -189,10 +210,14 @@ class FeedForward(nn.Module):
                                  nn.Linear(mult * dim, dim, bias=False))
         self.chunk_tokens = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                pre: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``pre(x)`` (the block's norm and modulation) is applied inside, per chunk of tokens,
+        and freed once the up-projection has run."""
+        pre = pre or (lambda t: t)
         if self.chunk_tokens <= 0 or x.shape[1] <= self.chunk_tokens:
-            return self.net(x)
-        return torch.cat([self.net(part) for part in x.split(self.chunk_tokens, dim=1)], dim=1)
+            return self.net(pre(x))
+        return torch.cat([self.net(pre(part)) for part in x.split(self.chunk_tokens, dim=1)], dim=1)
 
 
 class _GeluProj(nn.Module):
@@ -201,7 +226,12 @@ class _GeluProj(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.gelu(self.proj(x), approximate="tanh")
+        h = self.proj(x)  # (B, S, 4D)
+        if torch.is_grad_enabled():  # autograd needs GELU's input for its backward
+            return nn.functional.gelu(h, approximate="tanh")
+        # inference: the same kernel, in place, so the (B, S, 4D) input and output of GELU are
+        # never both alive (4 of the feed-forward's 12 rows of D per token)
+        return torch.ops.aten.gelu_(h, approximate="tanh")
 
 
 class DiTBlock(nn.Module):
@@ -240,10 +270,12 @@ class DiTBlock(nn.Module):
                  kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(
             t_mod, x.shape[0])
-        attn = self.attn1(modulate(self.norm1(x), shift_msa, scale_msa), rope, plan, seq_len)
-        x = torch.addcmul(x, gate_msa, attn)  # x + gate_msa * attn
+        # the sub-layers' outputs are temporaries: each is freed once added to the residual
+        x = torch.addcmul(x, gate_msa, self.attn1(  # x + gate_msa * attn
+            x, rope, plan, seq_len, pre=lambda t: modulate(self.norm1(t), shift_msa, scale_msa)))
         x = x + self.attn2(x, context, kv_lens)
-        return torch.addcmul(x, gate_mlp, self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return torch.addcmul(x, gate_mlp, self.ff(
+            x, pre=lambda t: modulate(self.norm2(t), shift_mlp, scale_mlp)))
 
 
 @dataclass

@@ -42,18 +42,25 @@ def rope_tables(frames: int, height: int, width: int, head_dim: int = 128,
     return Rope(theta.cos(), theta.sin())
 
 
-def apply_rope(x: torch.Tensor, rope: Rope, split: tuple[int, int, int] = ROPE_SPLIT) -> torch.Tensor:
-    """Rotate x (B, S, H, D) by tables (S, D); computed in float32, returned in x's dtype.
+def apply_rope(x: torch.Tensor, rope: Rope, split: tuple[int, int, int] = ROPE_SPLIT,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate x (B, S, H, D) by tables (S, D); computed in float32, returned in x's dtype (in
+    ``out`` when given: a tensor or view of x's shape, e.g. a few heads of a larger output).
 
     Each part's halves (a, b) become (a cos - b sin, b cos + a sin): ``x * cos`` once, then each
     half adds its partner times sin in place, so no rotated copy of x is built. The float32 tables
-    promote x (exactly) inside each kernel: a bf16 x is not copied to float32 first."""
+    promote x (exactly) inside each kernel: a bf16 x is not copied to float32 first. With a float32
+    ``out`` the rotation is computed in it directly; otherwise in a float32 temporary that is
+    rounded once into x's dtype."""
     cos, sin = rope.cos[:, None], rope.sin[:, None]  # (S, 1, D): broadcast over batch and heads
-    out = x * cos  # float32
+    direct = out is not None and out.dtype == torch.promote_types(x.dtype, cos.dtype)
+    res = torch.mul(x, cos, out=out) if direct else x * cos  # float32
     start = 0
     for width in split:
         a, b = slice(start, start + width // 2), slice(start + width // 2, start + width)
-        out[..., a].addcmul_(x[..., b], sin[..., a], value=-1)
-        out[..., b].addcmul_(x[..., a], sin[..., b])
+        res[..., a].addcmul_(x[..., b], sin[..., a], value=-1)
+        res[..., b].addcmul_(x[..., a], sin[..., b])
         start += width
-    return out.to(x.dtype)
+    if out is None:
+        return res.to(x.dtype)
+    return out if direct else out.copy_(res)
