@@ -354,8 +354,8 @@ def add_memory_args(p) -> None:
     g.add_argument("--resident_blocks", type=_count, default=0,
                    help="--offload block: blocks kept on the GPU (more = faster, more memory)")
     g.add_argument("--cfg_sequential", action="store_true",
-                   help="run the CFG halves through each block one after the other (half the "
-                        "activations)")
+                   help="run the CFG halves through each block one after the other: one sample "
+                        "in flight (DiT activations 16 -> 10 rows of D per token, measured on CPU)")
     g.add_argument("--ff_chunk", type=_count, default=0,
                    help="run the feed-forward over this many tokens at a time (0: all); eager, "
                         "self-attention holds the same peak, so this lowers it only where the "
