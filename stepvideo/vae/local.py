@@ -15,7 +15,7 @@ import torch
 
 from ..video_io import uint8_per_sample
 from .vae import (FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, TileBlend, auto_tile_size,
-                  blend_seam, check_tiles, join_chunk)
+                  check_tiles, decoded_frames, join_chunk)
 
 AUTO = "auto"
 # --vae_tile auto: the share of free memory a chunk's decode may plan to use
@@ -122,7 +122,8 @@ class LocalVAE:
 
     def _iter_uint8_replicas(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """``iter_uint8`` with one chunk per replica at a time (threads: the kernels run
-        concurrently on their devices), seams blended in order on the first device."""
+        concurrently on their devices); each chunk's seam is joined on the first device in
+        order, as ``iter_decode`` does, so the frames are those of one device."""
         from concurrent.futures import ThreadPoolExecutor
 
         chunks = latents.split(LATENTS_PER_CHUNK, dim=1)
@@ -132,16 +133,15 @@ class LocalVAE:
         def decode(job):
             vae, chunk = job
             with torch.inference_mode():
-                return decoded_uint8(vae, chunk, tiles)
+                return vae.decode_chunk(chunk, *tiles)                      # (B, n, 3, H, W)
 
         with ThreadPoolExecutor(len(self.replicas)) as pool:
             for start in range(0, len(chunks), len(self.replicas)):
                 batch = chunks[start:start + len(self.replicas)]
-                for i, (frames, edges) in enumerate(pool.map(decode, zip(self.replicas, batch))):
-                    edges = edges.to(self.vae.device, self.vae.dtype)
-                    piece, held = seam_pieces(frames, edges, held,
-                                              last=start + i + 1 == len(chunks))
-                    yield piece
+                for i, x in enumerate(pool.map(decode, zip(self.replicas, batch))):
+                    x, held = join_chunk(x.to(self.vae.device), held,
+                                         last=start + i + 1 == len(chunks))
+                    yield uint8_per_sample(x.cpu())
 
     def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(self.iter_uint8(latents)), dim=1)
@@ -189,7 +189,7 @@ class LocalVAE:
                 continue
             for i in range(min(world, len(units) - start)):
                 k, j = units[start + i]
-                n = chunk_frames(chunks[k].shape[1])
+                n = decoded_frames(chunks[k].shape[1])
                 out = got[i][:, :, :n].to(vae.device)
                 if windows > 1:
                     if j == 0:
@@ -200,33 +200,3 @@ class LocalVAE:
                     out = blend.result(vae.dtype)
                 x, held = join_chunk(out.transpose(1, 2), held, last=k + 1 == len(chunks))
                 yield uint8_per_sample(x.cpu())
-
-
-def decoded_uint8(vae, chunk: torch.Tensor, tiles) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk decoded without blending: uint8 frames (B, n, H, W, 3) on the CPU and its first
-    and last frames (B, 2, 3, H, W) as float32 (exact for the VAE's dtype), for ``seam_pieces``."""
-    x = vae.decode_chunk(chunk, *tiles)                                     # (B, n, 3, H, W)
-    return uint8_per_sample(x.cpu()), torch.cat([x[:, :1], x[:, -1:]], dim=1).float().cpu()
-
-
-def chunk_frames(latent_frames: int) -> int:
-    """Frames of one chunk of 1-3 latent frames (8t-7)."""
-    return 8 * latent_frames - 7
-
-
-def seam_pieces(frames: torch.Tensor, edges: torch.Tensor, held: torch.Tensor | None,
-                last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``join_chunk`` for a chunk that arrives as uint8 ``frames`` (B, n, H, W, 3) plus its first
-    and last float frames ``edges`` (B, 2, 3, H, W): the seam frames are blended in float and
-    converted here; all other frames are already final. Returns (uint8 piece, held float frame)."""
-    first, last_frame = edges[:, :1].clone(), edges[:, 1:].clone()
-    frames = frames.clone()
-    if held is not None:
-        held, first = blend_seam(held, first)
-        frames[:, :1] = uint8_per_sample(first.cpu())
-        if frames.shape[1] == 1:
-            last_frame = first
-        frames = torch.cat([uint8_per_sample(held.cpu()), frames], dim=1)
-    if last:
-        return frames, None
-    return frames[:, :-1], last_frame
