@@ -18,7 +18,7 @@ from stepvideo.modules.layers import timestep_sinusoid
 from stepvideo.modules.model import PRESETS, DiTConfig, StepVideoModel
 from stepvideo.modules.rope import Rope, apply_rope, rope_tables
 from stepvideo.synthetic import random_model
-from stepvideo.timing import OpCensus
+from stepvideo.memtrack import OpCensus
 from stepvideo.weights import CheckpointError, load_state_dict_strict
 
 

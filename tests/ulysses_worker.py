@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from stepvideo.parallel import ParallelConfig
 from stepvideo.parallel.torch_backend import Groups, UlyssesPlan
-from stepvideo.timing import OpCensus
+from stepvideo.memtrack import OpCensus
 
 BATCH, TOKENS, HEADS, HEAD_DIM = 2, 45, 4, 128
 

@@ -5,7 +5,7 @@ tokens x --batch samples with --text-len context tokens:
   time     median wall time of --repeats forwards after one warm-up
   profile  torch.profiler of one forward: aten ops by self time, their share, and the share of
            each category (gemm, attention, copy / layout, other element-wise work)
-  copies   every copy op (``stepvideo.timing.COPY_OPS``: ``.contiguous()``, a non-view ``reshape``,
+  copies   every copy op (``stepvideo.memtrack.COPY_OPS``: ``.contiguous()``, a non-view ``reshape``,
            ``cat``, casts) with its calls, bytes written and the ``stepvideo`` line that issued it,
            and the bytes all ops write (a proxy for the element-wise memory traffic)
 
@@ -29,7 +29,8 @@ import torch
 from stepvideo.modules.model import DiTConfig
 from stepvideo.modules.rope import rope_tables
 from stepvideo.synthetic import random_model, token_grid
-from stepvideo.timing import COPY_OPS, OpCensus, device_name, sync, time_call
+from stepvideo.memtrack import COPY_OPS, OpCensus
+from stepvideo.timing import device_name, sync, time_call
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CATEGORIES = (  # first match wins, on aten op names
