@@ -43,11 +43,10 @@ from pathlib import Path
 
 import torch
 
-from stepvideo import flops, quant
+from stepvideo import flops, quant, synthetic
 from stepvideo.diffusion.scheduler import cfg_combine, euler_step, flow_sigmas
 from stepvideo.modules import attention as attn
 from stepvideo.modules.model import DiTConfig
-from stepvideo.modules.rope import rope_tables
 from stepvideo.synthetic import model_inputs, random_model, token_grid
 from stepvideo.timing import (device_name, markers, peak_memory_gb, replace_block, reset_peak_memory,
                               sync, time_call)
@@ -236,18 +235,8 @@ def small_parity(name: str, device: torch.device, n: int = 300) -> list[dict]:
 # --- 2. one block ------------------------------------------------------------------------------
 
 def block_inputs(run: Run) -> tuple:
-    d = run.cfg.inner_dim
-    g = torch.Generator(device=run.device).manual_seed(2)
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, device=run.device, dtype=run.dtype, generator=g) * scale
-
-    x = randn(run.batch, run.tokens, d)  # (B, N, D)
-    context = randn(run.batch, run.text_len, d)  # (B, L, D)
-    t_mod = randn(run.batch, 6 * d, scale=0.02)
-    kv_lens = torch.tensor([run.text_len, run.text_len * 2 // 3], device=run.device)
-    rope = rope_tables(*token_grid(run.tokens), 128, device=run.device)
-    return x, context, t_mod, rope, kv_lens
+    return synthetic.block_inputs(run.cfg, run.batch, run.tokens, run.text_len, run.device,
+                                  run.dtype)
 
 
 def block_stage(run: Run) -> dict:

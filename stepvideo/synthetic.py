@@ -71,3 +71,24 @@ def model_inputs(cfg: DiTConfig, batch: int, grid: tuple[int, int, int], text_le
         "encoder_hidden_states_2": randn(batch, clip_len, clip_dim),
         "encoder_attention_mask": torch.ones(batch, text_len, device=device),
     }
+
+
+def block_inputs(cfg: DiTConfig, batch: int, tokens: int, text_len: int, device: torch.device,
+                 dtype: torch.dtype, seed: int = 2) -> tuple:
+    """Random inputs of one block's forward: x (B, N, D), context (B, L, D), t_mod (B, 6D) at
+    AdaLN-Single's scale, the RoPE tables of ``token_grid(tokens)`` and kv_lens with the second
+    sample's text masked to 2/3 (the cross-attention's masked path)."""
+    from .modules.rope import rope_tables
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    d = cfg.inner_dim
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g) * scale
+
+    x = randn(batch, tokens, d)
+    context = randn(batch, text_len, d)
+    t_mod = randn(batch, 6 * d, scale=0.02)
+    kv_lens = torch.tensor(([text_len, text_len * 2 // 3] + [text_len] * batch)[:batch], device=device)
+    rope = rope_tables(*token_grid(tokens), cfg.attention_head_dim, device=device)
+    return x, context, t_mod, rope, kv_lens

@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 
-from stepvideo.modules.model import DiTConfig
-from stepvideo.modules.rope import rope_tables
-from stepvideo.synthetic import random_model, token_grid
+from stepvideo.devices import resolve_dtype
 from stepvideo.memtrack import COPY_OPS, OpCensus
+from stepvideo.modules.model import DiTConfig
+from stepvideo.synthetic import block_inputs, random_model
 from stepvideo.timing import device_name, sync, time_call
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CATEGORIES = (  # first match wins, on aten op names
     ("attention", r"attention|sdpa|flash"),
     ("gemm", r"\bmm\b|addmm|bmm|matmul|linear"),
@@ -43,22 +42,6 @@ CATEGORIES = (  # first match wins, on aten op names
 
 def categorize(op: str) -> str:
     return next(c for c, pat in CATEGORIES if re.search(pat, op))
-
-
-def block_inputs(cfg: DiTConfig, batch: int, tokens: int, text_len: int, device, dtype) -> tuple:
-    g = torch.Generator(device=device).manual_seed(2)
-    d = cfg.inner_dim
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, device=device, dtype=dtype, generator=g) * scale
-
-    x = randn(batch, tokens, d)  # (B, N, D)
-    context = randn(batch, text_len, d)  # (B, L, D)
-    t_mod = randn(batch, 6 * d, scale=0.02)  # (B, 6D)
-    kv_lens = torch.tensor([text_len, text_len * 2 // 3][:batch] + [text_len] * (batch - 2),
-                           device=device)
-    rope = rope_tables(*token_grid(tokens), cfg.attention_head_dim, device=device)
-    return x, context, t_mod, rope, kv_lens
 
 
 def op_table(prof, top: int) -> dict:
@@ -107,7 +90,7 @@ def report(result: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--tokens", type=int, default=1024, help="video tokens per sample")
     p.add_argument("--batch", type=int, default=2, help="samples (2 = one CFG step)")
     p.add_argument("--text-len", type=int, default=256, help="context tokens")
@@ -125,7 +108,7 @@ def main(argv=None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     cfg = DiTConfig(num_layers=1)
     model = random_model(cfg, device, dtype, seed=0)
     block = model.transformer_blocks[0]
