@@ -25,6 +25,7 @@ from torch import nn
 
 from .offload import OffloadConfig
 from .quant import MODES as QUANTIZE_CHOICES  # the --quantize modes, one table
+from .vae.vae import AUTO_TILE_MIN  # the smallest tile --vae_tile auto picks
 
 GiB = 1 << 30
 
@@ -174,9 +175,6 @@ class ActivationModel:
         return int(per_pixel * area) + self.vae_tile_accumulators * height * width
 
 
-AUTO_TILE_FLOOR = 4  # the smallest tile --vae_tile auto picks (vae.vae.auto_tile_size)
-
-
 @dataclass(frozen=True)
 class Workload:
     """What the stages run: ``tokens`` per sample (75,888 for 204 x 544 x 992), CFG ``batch``
@@ -223,7 +221,7 @@ def stage_peaks(sizes: ModelSizes, work: Workload, offload: OffloadConfig,
     text_w = (sizes.llm + sizes.clip) if work.text_on_device else 0
     vae_w = sizes.vae if work.vae_on_device else 0
     text_act = act.text if work.text_on_device else 0
-    tile = AUTO_TILE_FLOOR if work.vae_tile == "auto" else work.vae_tile  # plan() resolves auto
+    tile = AUTO_TILE_MIN if work.vae_tile == "auto" else work.vae_tile  # plan() resolves auto
     vae_act = act.vae(work.height, work.width, tile, work.vae_width) if work.vae_on_device else 0
     if offload.mode == "none":
         resident = sizes.dit + text_w + vae_w
@@ -261,16 +259,16 @@ def smallest_card(peak: int) -> str:
 def resolve_vae_tile(free_bytes: int, sizes: ModelSizes, work: Workload, offload: OffloadConfig,
                      act: ActivationModel = ActivationModel()) -> Workload:
     """``--vae_tile auto`` for a mode: untiled when the VAE stage fits ``free_bytes`` untiled, else
-    the largest tile (latent pixels, down to ``AUTO_TILE_FLOOR``) whose stage fits; the floor when
+    the largest tile (latent pixels, down to ``AUTO_TILE_MIN``) whose stage fits; the floor when
     none does (the run's VAE applies its own rule to the memory free at decode time)."""
     if work.vae_tile != "auto":
         return work
     edge = -(-max(work.height, work.width) // 16)
-    for tile in [None] + list(range(edge - 1, AUTO_TILE_FLOOR - 1, -1)):
+    for tile in [None] + list(range(edge - 1, AUTO_TILE_MIN - 1, -1)):
         option = dataclasses.replace(work, vae_tile=tile)
         if stage_peaks(sizes, option, offload, act)["vae"] + act.reserve <= free_bytes:
             return option
-    return dataclasses.replace(work, vae_tile=AUTO_TILE_FLOOR)
+    return dataclasses.replace(work, vae_tile=AUTO_TILE_MIN)
 
 
 def plan(free_bytes: int, sizes: ModelSizes, work: Workload, requested: OffloadConfig,

@@ -230,7 +230,7 @@ class _GeluProj(nn.Module):
         if torch.is_grad_enabled():  # autograd needs GELU's input for its backward
             return nn.functional.gelu(h, approximate="tanh")
         # inference: the same kernel, in place, so the (B, S, 4D) input and output of GELU are
-        # never both alive (4 of the feed-forward's 12 rows of D per token)
+        # never both alive (4 rows of D per token less at the feed-forward's peak)
         return torch.ops.aten.gelu_(h, approximate="tanh")
 
 

@@ -36,6 +36,7 @@ SEAM_KEEP = 0.6              # chunk blend: new = 0.6 * itself + 0.4 * neighbour
 # resolution x the level-1 width): the issue's H200 measurement (28 GiB bf16 at 544x992, whose
 # largest activation is 5.2 GiB) rounded up. Used only to decide whether a chunk needs tiles.
 DECODE_PEAK_FACTOR = 5.5
+AUTO_TILE_MIN = 4            # the smallest tile (latent pixels) auto_tile_size picks
 
 # Released-checkpoint prefix -> module prefix. The release stores the last decoder conv as
 # `decoder.conv_out.*`; here (as in the release's modules) it is a causal conv with a `.conv` child.
@@ -600,11 +601,11 @@ def decode_peak_bytes(config: VAEConfig, h: int, w: int, dtype: torch.dtype,
 def auto_tile_size(config: VAEConfig, h: int, w: int, dtype: torch.dtype, budget: int,
                    batch: int = 1) -> int | None:
     """None when an h x w chunk fits ``budget`` bytes untiled, else the largest square tile (in
-    latent pixels, >= 4) whose decode fits it."""
+    latent pixels, >= ``AUTO_TILE_MIN``) whose decode fits it."""
     if decode_peak_bytes(config, h, w, dtype, batch) <= budget:
         return None
     tile = max(h, w)
-    while tile > 4 and decode_peak_bytes(config, min(tile, h), min(tile, w), dtype, batch) > budget:
+    while tile > AUTO_TILE_MIN and decode_peak_bytes(config, min(tile, h), min(tile, w), dtype, batch) > budget:
         tile -= 1
     return tile
 
