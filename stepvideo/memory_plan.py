@@ -25,7 +25,8 @@ from torch import nn
 
 from .offload import OffloadConfig
 from .quant import MODES as QUANTIZE_CHOICES  # the --quantize modes, one table
-from .vae.vae import AUTO_TILE_MIN  # the smallest tile --vae_tile auto picks
+from .vae.vae import AUTO_TILE_MIN, PRESETS as VAE_PRESETS, SPATIAL_FACTOR, VAEConfig
+from .vae.vae import auto_tile_size, decode_peak_bytes
 
 GiB = 1 << 30
 
@@ -132,13 +133,8 @@ class ActivationModel:
     the H200 ``--compile`` peak (10.1 rows); compiled phases were not measured on the CPU, so
     ``--ff_chunk`` is not credited under ``--compile``.
 
-    VAE: ``vae_chunk`` is the H200-measured peak of one untiled 544 x 992 chunk in bf16 (28.0 GiB
-    less weights). On the CPU the ops' tensors of a decode are exactly proportional to the decoded
-    area (2168.5 bytes per decoded pixel-frame in bf16 at 2 x 2 and 4 x 4 latent pixels, and per
-    tile pixel-frame with tiles of 2 and 4; 4337 in float32); the H200 chunk is 3160 per
-    pixel-frame (cuDNN workspaces and the allocator on top), so the planner scales the H200 figure
-    by the decoded area: the frame's untiled, the tile's (16 N x 16 N pixels) with ``--vae_tile N``,
-    plus the tiled decode's float32 accumulators (3 x 17 x 4 + 4 bytes per frame pixel, measured).
+    VAE: ``stepvideo.vae.vae.decode_peak_bytes`` (the H200's untiled 544 x 992 chunk scaled by the
+    decoded area of the frame or of one tile; the same estimate ``--vae_tile auto`` uses at run time).
     Text: Step-1's 2 x 320 tokens (36.6 GiB peak, H200) less its weights, rounded up.
     """
 
@@ -148,8 +144,6 @@ class ActivationModel:
     held_rows: float = 2.0
     rows_compiled: float = 10.1
     rope_bytes: int = 2 * 128 * 4
-    vae_chunk: int = int(27.0 * GiB)  # 544 x 992, decoder width 128
-    vae_tile_accumulators: int = 3 * 17 * 4 + 4  # bytes per frame pixel (tiled decode only)
     text: int = int(0.5 * GiB)
     reserve: int = int(1.0 * GiB)   # allocator fragmentation, cuBLAS workspaces
 
@@ -166,14 +160,6 @@ class ActivationModel:
         return (int(tokens * dim * dtype_bytes * (rows * in_flight + self.held_rows * held))
                 + tokens * self.rope_bytes)
 
-    def vae(self, height: int, width: int, tile: int | None, vae_width: float) -> int:
-        """One chunk's decode of a height x width frame; ``tile``: latent pixels or None."""
-        per_pixel = self.vae_chunk / (544 * 992) * vae_width
-        if tile is None or 16 * tile >= max(height, width):
-            return int(per_pixel * height * width)
-        area = min(16 * tile, height) * min(16 * tile, width)
-        return int(per_pixel * area) + self.vae_tile_accumulators * height * width
-
 
 @dataclass(frozen=True)
 class Workload:
@@ -184,7 +170,7 @@ class Workload:
     tokens: int = 75_888
     height: int = 544
     width: int = 992
-    vae_width: float = 1.0          # the VAE decoder's width over the release's (128)
+    vae: VAEConfig = VAE_PRESETS["base"]   # the VAE's config (its decoder width scales the decode)
     batch: int = 2
     dim: int = 6144
     dtype_bytes: int = 2
@@ -213,6 +199,14 @@ class PlanError(ValueError):
     """The request cannot fit the device; the message names the smallest card that fits."""
 
 
+def vae_activation(work: Workload) -> int:
+    """One chunk's decode of the workload's frame with its ``vae_tile`` ("auto": the smallest tile;
+    ``plan`` resolves it first)."""
+    tile = AUTO_TILE_MIN if work.vae_tile == "auto" else work.vae_tile
+    return decode_peak_bytes(work.vae, work.height // SPATIAL_FACTOR, work.width // SPATIAL_FACTOR,
+                             work.dtype_bytes, 1, tile)
+
+
 def stage_peaks(sizes: ModelSizes, work: Workload, offload: OffloadConfig,
                 act: ActivationModel = ActivationModel()) -> dict[str, int]:
     """Expected peak device bytes of each stage under ``offload``."""
@@ -221,8 +215,7 @@ def stage_peaks(sizes: ModelSizes, work: Workload, offload: OffloadConfig,
     text_w = (sizes.llm + sizes.clip) if work.text_on_device else 0
     vae_w = sizes.vae if work.vae_on_device else 0
     text_act = act.text if work.text_on_device else 0
-    tile = AUTO_TILE_MIN if work.vae_tile == "auto" else work.vae_tile  # plan() resolves auto
-    vae_act = act.vae(work.height, work.width, tile, work.vae_width) if work.vae_on_device else 0
+    vae_act = vae_activation(work) if work.vae_on_device else 0
     if offload.mode == "none":
         resident = sizes.dit + text_w + vae_w
         return {"text": resident + text_act, "dit": resident + dit_act, "vae": resident + vae_act}
@@ -263,12 +256,11 @@ def resolve_vae_tile(free_bytes: int, sizes: ModelSizes, work: Workload, offload
     none does (the run's VAE applies its own rule to the memory free at decode time)."""
     if work.vae_tile != "auto":
         return work
-    edge = -(-max(work.height, work.width) // 16)
-    for tile in [None] + list(range(edge - 1, AUTO_TILE_MIN - 1, -1)):
-        option = dataclasses.replace(work, vae_tile=tile)
-        if stage_peaks(sizes, option, offload, act)["vae"] + act.reserve <= free_bytes:
-            return option
-    return dataclasses.replace(work, vae_tile=AUTO_TILE_MIN)
+    untiled = dataclasses.replace(work, vae_tile=None)
+    rest = stage_peaks(sizes, untiled, offload, act)["vae"] - vae_activation(untiled)
+    tile = auto_tile_size(work.vae, work.height // SPATIAL_FACTOR, work.width // SPATIAL_FACTOR,
+                          work.dtype_bytes, free_bytes - act.reserve - rest)
+    return dataclasses.replace(work, vae_tile=tile)
 
 
 def plan(free_bytes: int, sizes: ModelSizes, work: Workload, requested: OffloadConfig,
@@ -372,8 +364,11 @@ def memory_options(a) -> MemoryOptions:
                          a.ff_chunk, a.quantize)
 
 
-def request_sizes(req, dit_cfg, storage_bytes: int, text: bool, vae: bool) -> ModelSizes:
-    """ModelSizes of a request's models, built on the meta device from their configs."""
+def request_sizes(req, dit_cfg, storage_bytes: int, text: bool,
+                  vae: VAEConfig | None) -> ModelSizes:
+    """ModelSizes of a request's models, built on the meta device from their configs (``vae``:
+    the VAE's config when it runs on the device, else None); with tensor parallelism the DiT's
+    blocks are this rank's slices."""
     from .modules.model import StepVideoModel
     from .weights import read_json
 
@@ -381,6 +376,11 @@ def request_sizes(req, dit_cfg, storage_bytes: int, text: bool, vae: bool) -> Mo
     llm = clip = vae_model = None
     with torch.device("meta"):
         dit = StepVideoModel.from_config(dit_cfg)
+        tp = req.parallel.tensor_parallel_degree
+        if tp > 1:
+            from .parallel.torch_backend import shard_blocks
+
+            shard_blocks(dit, 0, tp, None)
         if text:
             from .layout import HUNYUAN_CLIP, STEP_LLM
             from .text_encoder.clip import build_bert
@@ -391,20 +391,19 @@ def request_sizes(req, dit_cfg, storage_bytes: int, text: bool, vae: bool) -> Mo
                 os.path.join(root, STEP_LLM.folder, STEP_LLM.config), "Step-1 config")))
             clip = build_bert(read_json(os.path.join(root, HUNYUAN_CLIP.folder,
                                                      HUNYUAN_CLIP.config), "HunyuanClip config"))
-        if vae:
-            from .layout import VAE
-            from .vae.vae import AutoencoderKL, resolve_checkpoint, resolve_config
+        if vae is not None:
+            from .vae.vae import AutoencoderKL
 
-            vae_model = AutoencoderKL.from_config(resolve_config(
-                resolve_checkpoint(os.path.join(req.model_dir, VAE.folder)), None))
+            vae_model = AutoencoderKL.from_config(vae)
     return sizes_of(dit, llm, clip, vae_model, storage_bytes, fp8_dit=fp8, fp8_llm=fp8)
 
 
 def plan_request(req, dit_cfg, device):
     """(MemoryOptions with ``auto`` resolved, the Plan or None). Plans only for CUDA devices;
-    on the CPU ``auto`` means ``none``. PlanError when nothing fits the free memory. Sequence
-    and CFG parallelism divide the tokens and the batch; tensor parallelism's weight slices are
-    not modelled (the plan is for the whole weights)."""
+    on the CPU ``auto`` means ``none``. PlanError when nothing fits the free memory. Per rank:
+    sequence and CFG parallelism divide the tokens and the batch, tensor parallelism the blocks'
+    weights (its activations are planned unsharded: an upper bound, since it shards the heads and
+    the MLP's hidden units, not the block's input and output rows)."""
     m = req.memory
     if device.type != "cuda":
         return (dataclasses.replace(m, offload=OffloadConfig("none")) if m.offload.mode == "auto"
@@ -414,20 +413,20 @@ def plan_request(req, dit_cfg, device):
     here = req.encoder_device == "auto" or resolve_device(req.encoder_device) == device
     text, vae = here and req.caption_url == "local", here and req.vae_url == "local"
     dtype_bytes = torch.empty((), dtype=resolve_dtype(req.dtype, device)).element_size()
-    sizes = request_sizes(req, dit_cfg, dtype_bytes, text, vae)
-    vae_width = 1.0
+    vae_config = None
     if vae:
+        from .layout import VAE
         from .vae.vae import resolve_checkpoint, resolve_config
 
-        vae_width = resolve_config(resolve_checkpoint(os.path.join(req.model_dir, "vae")),
-                                   None).decoder_ch / 128
+        vae_config = resolve_config(resolve_checkpoint(os.path.join(req.model_dir, VAE.folder)), None)
+    sizes = request_sizes(req, dit_cfg, dtype_bytes, text, vae_config)
     from .vae.local import parse_tile
 
     par = req.parallel
     work = workload_for(req.num_frames, req.height, req.width, batch=max(2 // par.cfg_degree, 1),
                         dtype_bytes=dtype_bytes, cfg_sequential=m.cfg_sequential,
                         ff_chunk=m.ff_chunk, compiled=req.compile, text_on_device=text,
-                        vae_on_device=vae, vae_width=vae_width, vae_tile=parse_tile(req.vae_tile))
+                        vae_on_device=vae, vae=vae_config or VAE_PRESETS["base"], vae_tile=parse_tile(req.vae_tile))
     work = dataclasses.replace(work, tokens=-(-work.tokens // (par.ulysses_degree * par.ring_degree)))
     p = plan(torch.cuda.mem_get_info(device)[0], sizes, work, m.offload)
     return dataclasses.replace(m, offload=p.offload), p

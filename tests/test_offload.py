@@ -182,6 +182,23 @@ def test_sizes_from_the_full_configs(full_sizes):
     assert 0.49 < fp8.dit_block / bf16.dit_block < 0.51  # FP8 storage halves the blocks
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_plans_each_ranks_slice(full_sizes, tp):
+    """With --tensor_parallel_degree the planner sizes the rank's slice of each block (the
+    runner's own slicing, on the meta device): the projections are 1/tp, the norms and the
+    modulation table whole; the rest of the DiT is not sliced."""
+    from types import SimpleNamespace
+
+    from stepvideo.memory_plan import request_sizes
+    from stepvideo.parallel.config import ParallelConfig
+
+    req = SimpleNamespace(memory=MemoryOptions(), parallel=ParallelConfig(tensor_parallel_degree=tp))
+    sliced = request_sizes(req, DiTConfig(), 2, text=False, vae=None)
+    whole = full_sizes[False]
+    assert sliced.dit_rest == whole.dit_rest and sliced.dit_blocks == 48
+    assert whole.dit_block / tp < sliced.dit_block < 1.001 * whole.dit_block / tp
+
+
 def test_planner_picks_the_fastest_mode_that_fits(full_sizes):
     bf16 = full_sizes[False]
     full = Workload()  # 204 x 544 x 992, CFG batch 2, every model in the process
@@ -223,16 +240,23 @@ def test_tiled_vae_fits_the_full_run_on_24gb(full_sizes, tile):
 
 
 def test_vae_tile_scales_the_decode_with_the_tile_area():
-    """Tiled: the tile's share of the measured chunk plus the frame's float32 accumulators;
-    a tile that covers the frame is the untiled decode."""
-    act = ActivationModel()
-    untiled = act.vae(544, 992, None, 1.0)
-    assert untiled == act.vae_chunk and act.vae(544, 992, 62, 1.0) == untiled
-    accumulators = act.vae_tile_accumulators * 544 * 992
-    assert act.vae(544, 992, 16, 1.0) - accumulators == pytest.approx(
-        untiled * 256 * 256 / (544 * 992), rel=1e-6)
-    assert act.vae(544, 992, 8, 1.0) - accumulators == pytest.approx(
-        (act.vae(544, 992, 16, 1.0) - accumulators) / 4, rel=1e-6)
+    """The planner's VAE stage is the VAE's own estimate: tiled, the tile's share of the measured
+    chunk plus the frame's float32 blend buffers; a tile that covers the frame is the untiled
+    decode; the decoder's width scales it."""
+    from stepvideo.memory_plan import vae_activation
+    from stepvideo.vae.vae import DECODE_BYTES_PER_PIXEL, TILE_BLEND_BYTES, TILE_WEIGHT_BYTES
+
+    work = Workload()
+    untiled = vae_activation(work)
+    assert untiled == int(DECODE_BYTES_PER_PIXEL * 544 * 992) == int(27.0 * GiB)
+    assert vae_activation(dataclasses.replace(work, vae_tile=62)) == untiled
+    buffers = (TILE_BLEND_BYTES + TILE_WEIGHT_BYTES) * 544 * 992
+    t16 = vae_activation(dataclasses.replace(work, vae_tile=16)) - buffers
+    t8 = vae_activation(dataclasses.replace(work, vae_tile=8)) - buffers
+    assert t16 == pytest.approx(untiled * 256 * 256 / (544 * 992), rel=1e-6)
+    assert t8 == pytest.approx(t16 / 4, rel=1e-6)
+    narrow = dataclasses.replace(work, vae=dataclasses.replace(work.vae, decoder_ch=64))
+    assert vae_activation(narrow) == pytest.approx(untiled / 2, rel=1e-6)
 
 
 def test_an_impossible_request_names_the_card(full_sizes):

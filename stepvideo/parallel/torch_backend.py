@@ -167,15 +167,19 @@ class RowParallelLinear(nn.Module):
 
 
 def apply_tensor_parallel(model: nn.Module, groups: Groups) -> None:
-    """Shard every block's attention heads and MLP hidden units over the tensor-parallel group.
-
-    Fused projections are laid out per head ([q_h|k_h|v_h], [k_h|v_h]), so contiguous row slices
-    hold whole heads and the attention code needs no change.
-    """
+    """Shard every block's attention heads and MLP hidden units over the tensor-parallel group
+    (``shard_blocks`` with this rank's coordinates)."""
     size = groups.size("tp")
-    if size == 1:
-        return
-    rank, group = groups.coords["tp"], groups.group("tp")
+    if size > 1:
+        shard_blocks(model, groups.coords["tp"], size, groups.group("tp"))
+
+
+def shard_blocks(model: nn.Module, rank: int, size: int, group=None) -> None:
+    """Replace each block's projections with slice ``rank`` of ``size``: column-parallel for
+    q/k/v and the MLP's first layer, row-parallel (all-reduced over ``group``) for the output
+    projections. Fused projections are laid out per head ([q_h|k_h|v_h], [k_h|v_h]), so contiguous
+    row slices hold whole heads and the attention code needs no change. Works on the meta device
+    (the memory planner's per-rank weight bytes)."""
     for block in model.transformer_blocks:
         a1, a2, ff = block.attn1, block.attn2, block.ff
         a1.wqkv = ColumnParallelLinear(a1.wqkv, rank, size)

@@ -32,10 +32,17 @@ LATENTS_PER_CHUNK = 3        # latent frames per chunk
 SPATIAL_FACTOR = 16          # pixels per latent pixel (each side)
 NORM_GROUPS = 32
 SEAM_KEEP = 0.6              # chunk blend: new = 0.6 * itself + 0.4 * neighbour
-# Peak bytes of one untiled chunk decode / bytes of its largest activation (20 frames x full
-# resolution x the level-1 width): the issue's H200 measurement (28 GiB bf16 at 544x992, whose
-# largest activation is 5.2 GiB) rounded up. Used only to decide whether a chunk needs tiles.
-DECODE_PEAK_FACTOR = 5.5
+# Peak bytes of one chunk's decode per decoded frame pixel, bf16, the released decoder width (128):
+# an H200 decoded one untiled 544 x 992 chunk at a 28 GiB peak, 27.0 GiB of it beyond the weights
+# (3160 bytes per pixel-frame). On the CPU the ops' tensors of a decode are exactly proportional to
+# the decoded area and to the element size (2168.5 bytes per pixel-frame in bf16, 4336.9 in float32,
+# at 2 x 2, 2 x 4 and 4 x 4 latent pixels; tests/test_vae_parallel.py), so the H200 figure, which
+# adds cuDNN workspaces and the allocator's rounding, scales by area, element size and batch.
+DECODE_BYTES_PER_PIXEL = 27.0 * 2**30 / (544 * 992)
+# The tiled decode's float32 blend buffers per frame pixel: the sum (3 x 17 frames per sample) and
+# one weight map.
+TILE_BLEND_BYTES = 3 * FRAMES_PER_CHUNK * 4
+TILE_WEIGHT_BYTES = 4
 AUTO_TILE_MIN = 4            # the smallest tile (latent pixels) auto_tile_size picks
 
 # Released-checkpoint prefix -> module prefix. The release stores the last decoder conv as
@@ -587,27 +594,34 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
     return blend.result(x.dtype)
 
 
-def decode_peak_bytes(config: VAEConfig, h: int, w: int, dtype: torch.dtype,
-                      batch: int = 1) -> int:
-    """Estimated peak memory of decoding one chunk of h x w latent pixels untiled:
-    ``DECODE_PEAK_FACTOR`` x the largest activation (20 frames, full resolution, level-1 width)."""
-    width = config.decoder_ch * max(config.decoder_ch_mult[:2])
-    frames = 4 * (2 * LATENTS_PER_CHUNK - 1)
-    elem = torch.empty((), dtype=dtype).element_size()
-    largest = batch * frames * width * (SPATIAL_FACTOR ** 2) * h * w * elem
-    return int(DECODE_PEAK_FACTOR * largest)
+def decode_peak_bytes(config: VAEConfig, h: int, w: int, dtype: torch.dtype | int,
+                      batch: int = 1, tile: int | None = None) -> int:
+    """Estimated peak bytes (beyond the weights) of decoding one chunk of h x w latent pixels,
+    untiled (``tile`` None, or a tile that covers the frame) or in ``tile``-wide square tiles: the
+    decoded area of the frame or of one tile x ``DECODE_BYTES_PER_PIXEL``, scaled by the decoder's
+    width over the release's (``decoder_ch`` / 128: the tiny preset's CPU measurement is 0.21 of
+    the release's, its width ratio 0.25), the element size (``dtype``: a dtype or its bytes) and
+    ``batch``; tiled, plus the frame's float32 blend buffers. The one estimate for both
+    ``--vae_tile auto`` at decode time and the memory planner (``stepvideo.memory_plan``)."""
+    elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
+    per_pixel = DECODE_BYTES_PER_PIXEL * config.decoder_ch / 128 * elem / 2 * batch
+    frame = (SPATIAL_FACTOR * h) * (SPATIAL_FACTOR * w)
+    if tile is None or tile >= max(h, w):
+        return int(per_pixel * frame)
+    window = (SPATIAL_FACTOR * min(tile, h)) * (SPATIAL_FACTOR * min(tile, w))
+    return int(per_pixel * window) + (batch * TILE_BLEND_BYTES + TILE_WEIGHT_BYTES) * frame
 
 
-def auto_tile_size(config: VAEConfig, h: int, w: int, dtype: torch.dtype, budget: int,
+def auto_tile_size(config: VAEConfig, h: int, w: int, dtype: torch.dtype | int, budget: int,
                    batch: int = 1) -> int | None:
     """None when an h x w chunk fits ``budget`` bytes untiled, else the largest square tile (in
-    latent pixels, >= ``AUTO_TILE_MIN``) whose decode fits it."""
+    latent pixels, down to ``AUTO_TILE_MIN``: the floor when none fits) whose decode fits it."""
     if decode_peak_bytes(config, h, w, dtype, batch) <= budget:
         return None
-    tile = max(h, w)
-    while tile > AUTO_TILE_MIN and decode_peak_bytes(config, min(tile, h), min(tile, w), dtype, batch) > budget:
+    tile = max(h, w) - 1
+    while tile > AUTO_TILE_MIN and decode_peak_bytes(config, h, w, dtype, batch, tile) > budget:
         tile -= 1
-    return tile
+    return max(tile, AUTO_TILE_MIN)
 
 
 class AutoencoderKL(nn.Module):
