@@ -363,7 +363,7 @@ def denoise(run: Run, mode: Mode, inputs: dict, x0: torch.Tensor) -> tuple[list,
     """N CFG Euler steps from ``x0``; the block outputs of the first forward and the final latents."""
     model = build(run, dataclasses.replace(mode, compile=False), run.a.err_layers)
     layers = []
-    hooks = [blk.register_forward_hook(lambda m, i, o: layers.append(o.float().cpu())
+    hooks = [blk.register_forward_hook(lambda m, i, o: layers.append(o.to('cpu', torch.float32, copy=True))
                                        if len(layers) < len(model.transformer_blocks) else None)
              for blk in model.transformer_blocks]
     sigmas = flow_sigmas(run.a.err_steps, 13.0)

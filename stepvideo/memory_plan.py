@@ -98,67 +98,85 @@ def sizes_of(dit, llm=None, clip=None, vae=None, storage_bytes: int | None = 2,
 class ActivationModel:
     """Peak activation bytes of the stages.
 
-    DiT, eager: the peak is the larger of two phases, in D-wide rows of the compute dtype per token
-    and sample in flight. Measured on the CPU with the live-tensor meter (``stepvideo.memtrack``:
-    the tensors the ops allocate, the same set on a GPU), released width, random weights, 2 blocks,
-    batch 2, 256 and 512 tokens (``benchmark/perf/activation_rows.py``,
-    ``benchmark/results/cpu_activation_rows.json``); slopes over the two token counts:
+    DiT, eager: in D-wide rows of the compute dtype per token and sample in flight, per rank
+    (its tokens under sequence parallelism, its slices under tensor parallelism). Measured on the
+    CPU with the live-tensor meter (``stepvideo.memtrack``: the tensors the ops allocate, the same
+    set on a GPU), released width, random weights, 2 blocks, CFG batch 2, 256 and 512 tokens,
+    slopes over the two token counts (``benchmark/perf/activation_rows.py``; results in
+    ``benchmark/results/cpu_activation_rows*.json``). The peak is the largest of a block's phases:
 
-    - self-attention (``rows``): 8 rows in bf16 and in float32 (bf16 slope 8.04 = 8 + the RoPE
-      tables): the block input, q, k, v with their projection (3), the attention output and its
-      projection. The norm + modulation feeding the projections is freed inside it (``pre``),
-      q/k's RMSNorm and RoPE run a few heads at a time (``norm_rope``: their float32 temporaries
-      span 8 heads), and each sub-layer's output is freed once added to the residual;
-    - feed-forward (``ff_phase_rows``): at most the same 8 rows: the GELU runs in place under
-      no_grad, so of its (S, 4D) hidden state only one copy (``ff_rows`` = 4) exists. ``--ff_chunk
-      c`` leaves 4 c / S of those plus the chunks' concatenation (1 row); since self-attention
-      holds the same peak, it no longer lowers the eager peak (measured: 8.04 rows with and
-      without). Before these changes the same measurement gave 16.04 rows (12 with ``--ff_chunk``)
-      with the peak at the key's RoPE;
-    - depth: 1 and 2 blocks peak at the same bytes: ``blocks()`` takes the embedded input out of
-      ``Embedded``, so nothing holds it after the first block, and under no_grad nothing
-      accumulates;
-    - ``--cfg_sequential``: one sample in flight, each waiting sample holds ``held_rows`` = 2 (its
-      block input and its finished block output; measured 2.04 - RoPE);
-    - ``rope_bytes``: the cos/sin tables, (S, 128) float32 each, per token, any batch.
+    - norm + modulation (``norm_rows`` = 3, whole): the block input, its norm, the modulated
+      copy (also the final layer's peak, over the whole batch: ``head_rows``);
+    - self-attention (``1 + attn_rows`` / t = 1 + 4 / t): the block input is whole, the q/k/v
+      projection (3; q and k are normed and rotated inside it, a few heads at a time) and the
+      attention output (1) are split over the t tensor-parallel ranks (the cross-attention, its
+      queries normed in place too, holds less);
+    - feed-forward (``whole_rows`` + ``ff_rows`` / t = 2 + 4 / t): the block input and the output
+      are whole, the hidden state (4, one copy: GELU runs in place) is split; ``--ff_chunk c``
+      keeps c / S of it plus the chunks' concatenation (1 row), so the peak falls to
+      self-attention's (6 -> 5 rows unsplit);
+    - Ulysses (u > 1, ``1 + ulysses_rows`` / t = 1 + 6 / t): the block input, the projection and
+      the head-chunk-major send buffers while q, k, v are packed (each sample's receive buffer is
+      freed once attended);
+    - ring (r > 1, the torch backend all-gathers k and v: ``whole_rows + (3 + 3 r) / t``).
+
+    Measured (bf16 slope rows): local 6.04, ``--ff_chunk`` 5.04, ``--cfg_sequential`` 3.54;
+    tensor parallel 2 / 4: 4.04 / 3.04; Ulysses 2 / 4: 7.08 / 7.17 (sequential 4.08 / 4.17);
+    ring 2 / 4: 11.08 / 17.17; the model: 6, 5, 3.5, 4, 3, 7, 7, 4, 4, 11, 17, plus RoPE's tables
+    (0.04). Each sample waiting under ``--cfg_sequential`` holds its rows of x (``held_rows`` =
+    1): blocks update the running tokens in place (``DiTBlock(inplace=True)``). Depth adds
+    nothing: under no_grad the blocks' tokens are the only state.
+    ``rope_bytes``: the cos/sin tables, (S, 128) float32 each, per token, any batch.
 
     Not modelled: terms that do not grow with the video (text context (B, L, D), AdaLN
     modulations (2 x B x 6D), t_emb (B, D): 0.7 MB at L = 16, 10 MB at L = 397); kernel workspaces
     and allocator rounding (``reserve``). Cross-check against the GPU: an H200 (bf16, 75,888 tokens
-    x 2, benchmark/results/h200_dit_*) measured 15.1 rows at 1 and at 48 blocks with the forward of
-    that time (bf16 q/k copied to float32 before RoPE: 15.15 rows on the CPU for that code, 1
-    block, text terms included), so workspaces added < 0.1 row there; the copy-free RoPE and the
-    released embedded input, in-place GELU and per-head norm + RoPE took it to 8, not yet measured
-    on a GPU. ``rows_compiled``:
-    the H200 ``--compile`` peak (10.1 rows); compiled phases were not measured on the CPU, so
-    ``--ff_chunk`` is not credited under ``--compile``.
+    x 2, benchmark/results/h200_dit_*) measured 15.1 rows with the forward of that time (15.15 on
+    the CPU for that code), so workspaces added < 0.1 row there; the in-place code is not yet
+    measured on a GPU. ``rows_compiled``: the H200 ``--compile`` peak with that older code (10.1
+    rows); compiled phases are not measured on the CPU (under sequence parallelism the eager
+    figure is taken when larger).
 
     VAE: ``stepvideo.vae.vae.decode_peak_bytes`` (the H200's untiled 544 x 992 chunk scaled by the
     decoded area of the frame or of one tile; the same estimate ``--vae_tile auto`` uses at run time).
     Text: Step-1's 2 x 320 tokens (36.6 GiB peak, H200) less its weights, rounded up.
     """
 
-    rows: float = 8.0
-    ff_phase_rows: float = 8.0
+    norm_rows: float = 3.0
+    whole_rows: float = 2.0
+    attn_rows: float = 4.0
     ff_rows: float = 4.0
-    held_rows: float = 2.0
+    ulysses_rows: float = 6.0
+    head_rows: float = 3.0
+    held_rows: float = 1.0
     rows_compiled: float = 10.1
     rope_bytes: int = 2 * 128 * 4
     text: int = int(0.5 * GiB)
     reserve: int = int(1.0 * GiB)   # allocator fragmentation, cuBLAS workspaces
 
+    def block_rows(self, tokens: int, ff_chunk: int = 0, tensor_parallel: int = 1,
+                   ulysses: int = 1, ring: int = 1) -> float:
+        """Rows per token and sample in flight at a block's peak phase (``tokens``: this rank's)."""
+        t = tensor_parallel
+        ff = self.ff_rows / t
+        if 0 < ff_chunk < tokens:
+            ff = ff * ff_chunk / tokens + 1  # the chunks' outputs, then their concatenation
+        phases = [self.norm_rows, 1 + self.attn_rows / t, self.whole_rows + ff]
+        if ulysses > 1:
+            phases.append(1 + self.ulysses_rows / t)
+        if ring > 1:
+            phases.append(self.whole_rows + (3 + 3 * ring) / t)
+        return max(phases)
+
     def dit(self, tokens: int, batch: int, dim: int, dtype_bytes: int, sequential: bool,
-            ff_chunk: int, compiled: bool) -> int:
+            ff_chunk: int, compiled: bool, tensor_parallel: int = 1, ulysses: int = 1,
+            ring: int = 1) -> int:
+        rows = self.block_rows(tokens, ff_chunk, tensor_parallel, ulysses, ring)
         if compiled:
-            rows = self.rows_compiled
-        else:
-            ff = self.ff_phase_rows
-            if 0 < ff_chunk < tokens:
-                ff += 1 - self.ff_rows * (1 - ff_chunk / tokens)
-            rows = max(self.rows, ff)
+            rows = max(self.rows_compiled, rows) if ulysses * ring > 1 else self.rows_compiled
         in_flight, held = (1, batch - 1) if sequential else (batch, 0)
-        return (int(tokens * dim * dtype_bytes * (rows * in_flight + self.held_rows * held))
-                + tokens * self.rope_bytes)
+        per_token = max(rows * in_flight + self.held_rows * held, self.head_rows * batch)
+        return int(tokens * dim * dtype_bytes * per_token) + tokens * self.rope_bytes
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,9 @@ class Workload:
     cfg_sequential: bool = False
     ff_chunk: int = 0
     compiled: bool = False
+    tensor_parallel: int = 1        # the DiT's degrees; ``tokens`` is then this rank's share
+    ulysses: int = 1
+    ring: int = 1
     vae_on_device: bool = True
     text_on_device: bool = True
     vae_tile: int | str | None = None
@@ -211,7 +232,7 @@ def stage_peaks(sizes: ModelSizes, work: Workload, offload: OffloadConfig,
                 act: ActivationModel = ActivationModel()) -> dict[str, int]:
     """Expected peak device bytes of each stage under ``offload``."""
     dit_act = act.dit(work.tokens, work.batch, work.dim, work.dtype_bytes, work.cfg_sequential,
-                      work.ff_chunk, work.compiled)
+                      work.ff_chunk, work.compiled, work.tensor_parallel, work.ulysses, work.ring)
     text_w = (sizes.llm + sizes.clip) if work.text_on_device else 0
     vae_w = sizes.vae if work.vae_on_device else 0
     text_act = act.text if work.text_on_device else 0
@@ -345,7 +366,7 @@ def add_memory_args(p) -> None:
                    help="--offload block: blocks kept on the GPU (more = faster, more memory)")
     g.add_argument("--cfg_sequential", action="store_true",
                    help="run the CFG halves through each block one after the other: one sample "
-                        "in flight (DiT activations 16 -> 10 rows of D per token, measured on CPU)")
+                        "in flight (DiT activations 12 -> 7 rows of D per token, measured on CPU)")
     g.add_argument("--ff_chunk", type=_count, default=0,
                    help="run the feed-forward over this many tokens at a time (0: all); eager, "
                         "self-attention holds the same peak, so this lowers it only where the "
@@ -402,8 +423,7 @@ def plan_request(req, dit_cfg, device):
     """(MemoryOptions with ``auto`` resolved, the Plan or None). Plans only for CUDA devices;
     on the CPU ``auto`` means ``none``. PlanError when nothing fits the free memory. Per rank:
     sequence and CFG parallelism divide the tokens and the batch, tensor parallelism the blocks'
-    weights (its activations are planned unsharded: an upper bound, since it shards the heads and
-    the MLP's hidden units, not the block's input and output rows)."""
+    weights; each degree's activation phases are in ``ActivationModel``."""
     m = req.memory
     if device.type != "cuda":
         return (dataclasses.replace(m, offload=OffloadConfig("none")) if m.offload.mode == "auto"
@@ -427,6 +447,8 @@ def plan_request(req, dit_cfg, device):
                         dtype_bytes=dtype_bytes, cfg_sequential=m.cfg_sequential,
                         ff_chunk=m.ff_chunk, compiled=req.compile, text_on_device=text,
                         vae_on_device=vae, vae=vae_config or VAE_PRESETS["base"], vae_tile=parse_tile(req.vae_tile))
-    work = dataclasses.replace(work, tokens=-(-work.tokens // (par.ulysses_degree * par.ring_degree)))
+    work = dataclasses.replace(work, tokens=-(-work.tokens // (par.ulysses_degree * par.ring_degree)),
+                               tensor_parallel=par.tensor_parallel_degree,
+                               ulysses=par.ulysses_degree, ring=par.ring_degree)
     p = plan(torch.cuda.mem_get_info(device)[0], sizes, work, m.offload)
     return dataclasses.replace(m, offload=p.offload), p

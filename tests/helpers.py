@@ -3,7 +3,6 @@ subprocess (``from tests.helpers import ...``). Fixtures live in ``tests/conftes
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from stepvideo.parallel import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "api" / "call_remote_server.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_service(model_dir: str, *extra_args: str, port: int | None = None,

@@ -58,10 +58,10 @@ def test_intermediates_match_official(model, io, spec):
     seen = {}
     hooks = [model.pos_embed.register_forward_hook(lambda m, a, o: seen.__setitem__("pos_embed_out", o)),
              model.transformer_blocks[0].register_forward_pre_hook(
-                 lambda m, a: seen.__setitem__("block_input_hidden", a[0]))]
+                 lambda m, a: seen.__setitem__("block_input_hidden", a[0].clone()))]
     for i, blk in enumerate(model.transformer_blocks):
         hooks.append(blk.register_forward_hook(
-            lambda m, a, o, i=i: seen.__setitem__(f"block{i}_out", o)))
+            lambda m, a, o, i=i: seen.__setitem__(f"block{i}_out", o.clone())))  # blocks update in place
     _call(model, io)
     for h in hooks:
         h.remove()
@@ -162,6 +162,28 @@ def test_block_forward_makes_no_copies():
     assert census.ops.get("scaled_dot_product_attention", 0) + census.ops.get(
         "_scaled_dot_product_flash_attention_for_cpu", 0) == 2  # the census saw the forward
     assert census.copies == 0, census.copy_sites
+
+
+@pytest.mark.parametrize("batch_chunk", [0, 1])
+def test_inplace_block_is_the_out_of_place_block(batch_chunk):
+    """``inplace=True`` writes the block's result into its input (the tokens the model's blocks
+    pass along) with the same values, bit for bit, as the default, which leaves its input as it
+    was; also one sample at a time (``--cfg_sequential``)."""
+    cfg = PRESETS["tiny"]
+    model = random_model(cfg, torch.device("cpu"), torch.float32, seed=0)
+    block = model.transformer_blocks[0]
+    block.batch_chunk = batch_chunk
+    g = torch.Generator().manual_seed(1)
+    d = cfg.inner_dim
+    x, context = torch.randn(2, 60, d, generator=g), torch.randn(2, 9, d, generator=g)
+    t_mod = 0.02 * torch.randn(2, 6 * d, generator=g)
+    args = (context, t_mod, rope_tables(3, 4, 5), torch.tensor([9, 6]), model.plan, 60)
+    with torch.inference_mode():
+        before = x.clone()
+        out = block(x, *args)
+        assert torch.equal(x, before) and not torch.equal(out, x)
+        result = block(x, *args, inplace=True)
+    assert result is x and torch.equal(x, out)
 
 
 def test_full_size_keys_match_manifest():

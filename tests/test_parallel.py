@@ -6,7 +6,6 @@ and copies each tensor once each way."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,19 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from stepvideo.modules.attention import attention
-from stepvideo.parallel import ParallelConfig
+from stepvideo.parallel import ParallelConfig, free_port
 from stepvideo.tiny import write_tiny_model
-from tests.ulysses_worker import TOKENS, qkv
+from tests.ulysses_worker import BATCH, TOKENS, qkv
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 # Tokens per sample = 3 x 3 x 5 = 45, odd: the 2-way split pads one token, which must change nothing.
 SHAPE = ["--frames", "3", "--h", "3", "--w", "5", "--batch", "2", "--steps", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args, nproc: int, out: Path) -> torch.Tensor:
@@ -37,7 +30,7 @@ def _run(args, nproc: int, out: Path) -> torch.Tensor:
         cmd = [sys.executable, WORKER]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER]
     proc = subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out))["latents"]
@@ -97,12 +90,13 @@ def test_degree_validation_messages():
 
 def test_ulysses_attention_is_exact_with_one_layout_copy_per_tensor_each_way(tmp_path):
     """2-rank Ulysses self-attention at batch 2 with a padded split equals one process's attention,
-    and copies each of q, k, v once (into the head-chunk-major send buffer) and the output once
-    (back to token-major for ``wo``): 4 copies of a q-sized shard. The all-to-all layout used to
-    copy each tensor before and after the exchange (8)."""
+    and copies each of q, k, v once (into the head-chunk-major send buffers, one per sample so
+    each is freed once sent: 3 x batch copy ops) and the output once (back to token-major for
+    ``wo``): 4 q-sized shards of bytes. The all-to-all layout used to copy each tensor before and
+    after the exchange (8 shards)."""
     prefix = tmp_path / "uly"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(Path(__file__).with_name("ulysses_worker.py")), str(prefix)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -113,5 +107,5 @@ def test_ulysses_attention_is_exact_with_one_layout_copy_per_tensor_each_way(tmp
     # order, a few ulp of fp32 on outputs of size ~1 (2 ranks gave bit-equal results on CPU).
     torch.testing.assert_close(got, attention(*qkv()), atol=1e-5, rtol=1e-5)
     for r in ranks:
-        assert int(r["copies"]) == 4
+        assert int(r["copies"]) == 3 * BATCH + 1
         assert int(r["copy_bytes"]) == 4 * int(r["q_bytes"])

@@ -29,7 +29,7 @@ def main():
     plan = UlyssesPlan(Groups(ParallelConfig(ulysses_degree=world), rank))
     q, k, v = (plan.shard(t, 1) for t in qkv())
     with torch.inference_mode(), OpCensus() as census:
-        out = plan.self_attention(q, k, v, TOKENS)
+        out = plan.self_attention([q, k, v], TOKENS)
     save_file({"out": out.contiguous(), "copies": torch.tensor(census.copies),
                "copy_bytes": torch.tensor(census.copy_bytes),
                "q_bytes": torch.tensor(q.numel() * q.element_size())},

@@ -18,6 +18,10 @@ latent, tile 4 on a 6 x 4 latent: two tiles each); bytes per decoded pixel-frame
 area (the tile's, when tiled). Bigger tiles cost minutes on a 2-core CPU; the per-pixel figure is
 the same at every size measured.
 
+Parallel (each in its own ``torchrun`` of gloo processes on 127.0.0.1, the released width, 2 random
+blocks, bf16, plain and ``--cfg_sequential``): tensor parallel 2 and 4, Ulysses 2 and 4, ring 2
+and 4; rows per token of the rank (its share of the sequence) and sample, rank 0's peak.
+
 These are the tensors the ops allocate, the same on every device; kernel workspaces and allocator
 rounding come on top on a GPU (see stepvideo/memtrack.py). About 3 minutes on 2 cores.
 """
@@ -27,6 +31,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -40,7 +48,7 @@ from stepvideo.vae.vae import PRESETS as VAE_PRESETS
 from stepvideo.vae.vae import AutoencoderKL
 
 BATCH, TEXT, CLIP = 2, 16, 4
-GRIDS = ((1, 16, 16), (1, 16, 32))           # 256 and 512 tokens per sample
+GRIDS = ((4, 8, 8), (8, 8, 8))               # 256 and 512 tokens per sample, several frames
 FF_CHUNK = 64
 OPTIONS = {"plain": (0, 0), "ff_chunk": (FF_CHUNK, 0), "cfg_sequential": (0, 1),
            "both": (FF_CHUNK, 1)}
@@ -80,6 +88,70 @@ def dit_rows(dtype: torch.dtype, grids, blocks: int) -> dict:
         out["depth"] = {n: dit_peak_bytes(model, inputs, blocks=n) for n in range(1, blocks + 1)}
         print(f"{dtype} depth: {out['depth']}", flush=True)
     return out
+
+
+PARALLEL = (("tensor_parallel", 2), ("tensor_parallel", 4), ("ulysses", 2), ("ulysses", 4),
+            ("ring", 2), ("ring", 4))
+
+
+def parallel_worker(kind: str, out: str, grids, blocks: int = 2) -> None:
+    """Under torchrun: the rows of a ``kind`` (tensor_parallel, ulysses, ring) run over the
+    world's ranks, plain and with one sample in flight; rank 0 writes them to ``out`` (JSON)."""
+    import torch.distributed as dist
+
+    from stepvideo.parallel import ParallelConfig
+    from stepvideo.parallel.torch_backend import Groups, UlyssesPlan, shard_blocks
+
+    dist.init_process_group("gloo")
+    degree, rank = dist.get_world_size(), dist.get_rank()
+    dtype = torch.bfloat16
+    cfg = dataclasses.replace(DIT_PRESETS["base"], num_layers=blocks)
+    model = synthetic.random_model(cfg, torch.device("cpu"), dtype, seed=0)
+    if kind == "tensor_parallel":
+        shard_blocks(model, rank, degree, dist.group.WORLD)
+    else:
+        model.plan = UlyssesPlan(Groups(ParallelConfig(**{f"{kind}_degree": degree}), rank))
+    share = 1 if kind == "tensor_parallel" else degree  # tokens per rank = tokens / share
+    dim, elem = cfg.inner_dim, torch.empty((), dtype=dtype).element_size()
+    res = {"kind": kind, "degree": degree}
+    for name, batch_chunk in (("plain", 0), ("cfg_sequential", 1)):
+        model.set_batch_chunk(batch_chunk)
+        points = {}
+        for grid in grids:
+            tokens = grid[0] * grid[1] * grid[2] // share
+            inputs = synthetic.model_inputs(cfg, BATCH, grid, TEXT, CLIP, torch.device("cpu"), dtype,
+                                            seed=1)
+            peak = dit_peak_bytes(model, inputs)
+            points[tokens] = {"peak_bytes": peak, "rows": peak / (tokens * dim * elem * BATCH)}
+        (s0, p0), (s1, p1) = list(points.items())[:2]
+        res[name] = {"points": points, "slope_rows": (p1["peak_bytes"] - p0["peak_bytes"])
+                     / ((s1 - s0) * dim * elem * BATCH)}
+    if rank == 0:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def parallel_rows(kind: str, degree: int, grids=GRIDS, timeout: float = 900) -> dict:
+    """Run ``parallel_worker`` in ``degree`` gloo processes (torchrun) and return rank 0's rows."""
+    from stepvideo.parallel import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(degree),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               os.path.abspath(__file__), "--worker", kind, "--worker_out", out,
+               "--grids", ",".join("x".join(map(str, g)) for g in grids)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} {degree} failed:\n{proc.stderr[-3000:]}")
+        with open(out, encoding="utf-8") as f:
+            res = json.load(f)
+    print(f"{kind} {degree}: plain {res['plain']['slope_rows']:.2f} rows, cfg_sequential "
+          f"{res['cfg_sequential']['slope_rows']:.2f}", flush=True)
+    return res
 
 
 def held_rows(res: dict) -> dict:
@@ -126,7 +198,15 @@ def vae_peaks(dtype: torch.dtype, cases: dict) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="JSON file")
+    p.add_argument("--no_parallel", action="store_true", help="skip the torchrun measurements")
+    p.add_argument("--worker", choices=("tensor_parallel", "ulysses", "ring"), help=argparse.SUPPRESS)
+    p.add_argument("--worker_out", help=argparse.SUPPRESS)
+    p.add_argument("--grids", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.worker:
+        grids = [tuple(int(n) for n in g.split("x")) for g in a.grids.split(",")]
+        parallel_worker(a.worker, a.worker_out, grids)
+        return {}
     torch.manual_seed(0)
     start = time.perf_counter()
     res = {"device": device_name(torch.device("cpu")), "torch": torch.__version__,
@@ -137,6 +217,8 @@ def main(argv=None) -> dict:
     bf16 = dit_rows(torch.bfloat16, GRIDS, blocks=2)
     res["dit"]["bfloat16"] = {**bf16, **held_rows(bf16)}
     res["dit"]["float32"] = dit_rows(torch.float32, GRIDS[:1], blocks=1)
+    if not a.no_parallel:
+        res["dit"]["parallel"] = [parallel_rows(kind, degree) for kind, degree in PARALLEL]
     res["vae"] = {"bfloat16": vae_peaks(torch.bfloat16, VAE_CASES),
                   "float32": vae_peaks(torch.float32, {"untiled_2x2": VAE_CASES["untiled_2x2"]})}
     res["seconds"] = round(time.perf_counter() - start, 1)
@@ -159,6 +241,9 @@ def table(res: dict) -> None:
               f"{list(f['points'].values())[0]['rows']:9.2f}")
     print(f"held rows (cfg_sequential, bf16): {d['bfloat16']['held_rows']:.2f}; depth peaks (bytes): "
           f"{d['bfloat16']['depth']}")
+    for r in d.get("parallel", []):
+        print(f"{r['kind']:16s} {r['degree']}: {r['plain']['slope_rows']:6.2f} rows per rank token-"
+              f"sample, cfg_sequential {r['cfg_sequential']['slope_rows']:6.2f} (bf16 slope)")
     for dtype, cases in res["vae"].items():
         for name, c in cases.items():
             print(f"VAE {dtype} {name:13s} {c['peak_bytes'] / 2**20:8.1f} MiB "

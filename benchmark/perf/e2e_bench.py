@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ ROOT = HERE.parents[1]
 SERVER = ROOT / "api" / "call_remote_server.py"
 
 from stepvideo.devices import DTYPE_CHOICES, dtype_name, resolve_dtype  # noqa: E402
+from stepvideo.parallel import free_port  # noqa: E402
 from stepvideo.diffusion.video_pipeline import (NEG_MAGIC, POS_MAGIC, PRESETS,  # noqa: E402
                                                 StepVideoPipeline, VideoSize)
 from stepvideo.service.client import RemoteTextEncoder, ServiceError  # noqa: E402
@@ -60,12 +60,6 @@ E2E_KEYS = ("caption_service", "denoise", "vae_service", "write")
 
 
 # --- the service subprocess -------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Service:
     """``api/call_remote_server.py`` as a subprocess on 127.0.0.1; ``stop`` always ends it."""

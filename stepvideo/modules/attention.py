@@ -392,16 +392,18 @@ class SequencePlan(Protocol):
 
     def gather(self, x: torch.Tensor, dim: int, seq_len: int) -> torch.Tensor: ...
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       seq_len: int) -> torch.Tensor: ...
+    def token_range(self, n: int) -> tuple[int, int, int]: ...
+
+    def self_attention(self, qkv: list[torch.Tensor], seq_len: int) -> torch.Tensor: ...
 
 
 class LocalPlan:
     """The sequence plan of a single process: no sharding, plain attention.
 
     What the DiT asks of a plan: ``shard(x, dim)`` after patchify (tokens and RoPE tables),
-    ``self_attention(q, k, v, seq_len)`` inside each block and ``gather(x, dim, seq_len)`` before
-    the final layer, where ``seq_len`` is the unsharded token count. Nothing else in the model knows
+    ``self_attention([q, k, v], seq_len)`` inside each block and ``gather(x, dim, seq_len)`` after
+    the final layer, where ``seq_len`` is the unsharded token count. ``self_attention`` owns
+    the list's tensors: it empties the list, so a plan that repacks them can free them early. Nothing else in the model knows
     about ranks; the distributed plans live in ``stepvideo.parallel``.
     """
 
@@ -413,6 +415,12 @@ class LocalPlan:
     def gather(self, x: torch.Tensor, dim: int, seq_len: int) -> torch.Tensor:
         return x
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       seq_len: int) -> torch.Tensor:
+    def token_range(self, n: int) -> tuple[int, int, int]:
+        """(start, stop, size): ``shard`` of n tokens holds tokens [start, stop), zero-padded to
+        size."""
+        return 0, n, n
+
+    def self_attention(self, qkv: list[torch.Tensor], seq_len: int) -> torch.Tensor:
+        q, k, v = qkv
+        qkv.clear()
         return attention(q, k, v)

@@ -16,9 +16,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: write the result there (a tensor or view of x's shape and dtype; may be x)."""
         normed = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one kernel
-        return normed.to(x.dtype) * self.weight
+        return torch.mul(normed.to(x.dtype), self.weight, out=out)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -153,30 +153,39 @@ class SelfAttention(nn.Module):
                 pre: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, S, D): this rank's S of the video's ``seq_len`` tokens; ``pre(x)`` (the block's
         norm and modulation) is applied inside the projection, so its output is freed once q, k
-        and v exist instead of living through the attention."""
+        and v exist instead of living through the attention. q and k are normed and rotated in
+        place in the projection's output, and the plan is handed q, k, v to own (a list it
+        empties), so a plan that repacks them (Ulysses) frees the projection before attending."""
         b, s, _ = x.shape
         qkv = self.wqkv(x if pre is None else pre(x)).view(b, s, -1, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, S, H, d) each, per head [q_h | k_h | v_h]
-        q = norm_rope(self.q_norm, q, rope)
-        k = norm_rope(self.k_norm, k, rope)
-        out = plan.self_attention(q, k, v, seq_len)  # (B, S, H, d)
+        del qkv
+        norm_rope(self.q_norm, q, rope, out=q)
+        norm_rope(self.k_norm, k, rope, out=k)
+        parts = [q, k, v]
+        del q, k, v
+        out = plan.self_attention(parts, seq_len)  # (B, S, H, d)
         return self.wo(out.reshape(b, s, -1))
 
 
 HEADS_PER_PASS = 8  # norm_rope's float32 temporaries span this many heads at a time
 
 
-def norm_rope(norm: nn.Module, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """``apply_rope(norm(x), rope)`` for x (B, S, H, d), ``HEADS_PER_PASS`` heads at a time into
-    one output: both are per head, so the values are the same, and the float32 temporaries (the
-    norm's and RoPE's) cover a few heads instead of all of them."""
-    heads = x.shape[2]
-    if heads <= HEADS_PER_PASS:
-        return apply_rope(norm(x), rope)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    for h in range(0, heads, HEADS_PER_PASS):
+def norm_rope(norm: nn.Module, x: torch.Tensor, rope: Rope | None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``apply_rope(norm(x), rope)`` (just ``norm(x)`` without ``rope``) for x (B, S, H, d),
+    ``HEADS_PER_PASS`` heads at a time into one output (``out``, which may be x itself: each pass
+    reads its heads into the norm's new tensor before writing them): both are per head, so the
+    values are the same, and the float32 temporaries (the norm's and RoPE's) cover a few heads
+    instead of all of them."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for h in range(0, x.shape[2], HEADS_PER_PASS):
         part = slice(h, h + HEADS_PER_PASS)
-        apply_rope(norm(x[:, :, part]), rope, out=out[:, :, part])
+        if rope is None:
+            norm(x[:, :, part], out=out[:, :, part])
+        else:
+            apply_rope(norm(x[:, :, part]), rope, out=out[:, :, part])
     return out
 
 
@@ -193,7 +202,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 kv_lens: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_norm(self.wq(x).view(b, s, -1, self.head_dim))  # (B, S, H, d)
+        q = self.wq(x).view(b, s, -1, self.head_dim)  # (B, S, H, d)
+        norm_rope(self.q_norm, q, None, out=q)  # in place, a few heads at a time
         kv = self.wkv(context).view(b, context.shape[1], -1, 2 * self.head_dim)
         k, v = kv.split(self.head_dim, dim=-1)  # per head [k_h | v_h]
         out = attention(q, self.k_norm(k), v, kv_lens)
@@ -216,8 +226,16 @@ class FeedForward(nn.Module):
         and freed once the up-projection has run."""
         pre = pre or (lambda t: t)
         if self.chunk_tokens <= 0 or x.shape[1] <= self.chunk_tokens:
-            return self.net(pre(x))
-        return torch.cat([self.net(pre(part)) for part in x.split(self.chunk_tokens, dim=1)], dim=1)
+            return self._mlp(pre(x))
+        return torch.cat([self._mlp(pre(part)) for part in x.split(self.chunk_tokens, dim=1)], dim=1)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """``self.net(h)``, layer by layer: ``h`` (the caller's temporary) is released once the
+        up-projection has run instead of living through the down-projection (``self.net(h)``
+        keeps its argument until it returns)."""
+        up, mid, down = self.net
+        h = mid(up(h))
+        return down(h)
 
 
 class _GeluProj(nn.Module):
@@ -257,25 +275,38 @@ class DiTBlock(nn.Module):
         return modulate(self.norm1(x), shift_msa, scale_msa)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: Rope,
-                kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int) -> torch.Tensor:
-        """x (B, S, D) this rank's tokens; context (B, L, D) text; t_mod (B, 6D) AdaLN-Single."""
+                kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int,
+                inplace: bool = False) -> torch.Tensor:
+        """x (B, S, D) this rank's tokens; context (B, L, D) text; t_mod (B, 6D) AdaLN-Single.
+        ``inplace``: the residual updates are written into x (the caller gives x up: one row of
+        (B, S, D) less at the feed-forward's peak, and under ``batch_chunk`` the waiting samples
+        hold only their rows of x); the result is x. Otherwise x is left as it is."""
         n = self.batch_chunk
         if n <= 0 or x.shape[0] <= n:
-            return self._forward(x, context, t_mod, rope, kv_lens, plan, seq_len)
-        return torch.cat([self._forward(x[i:i + n], context[i:i + n], t_mod[i:i + n], rope,
-                                        None if kv_lens is None else kv_lens[i:i + n], plan, seq_len)
-                          for i in range(0, x.shape[0], n)])
+            return self._forward(x, context, t_mod, rope, kv_lens, plan, seq_len, inplace)
+        chunks = [(x[i:i + n], context[i:i + n], t_mod[i:i + n],
+                   None if kv_lens is None else kv_lens[i:i + n]) for i in range(0, x.shape[0], n)]
+        if inplace:  # each chunk is a view of x, updated in place
+            for xi, ci, ti, ki in chunks:
+                self._forward(xi, ci, ti, rope, ki, plan, seq_len, True)
+            return x
+        return torch.cat([self._forward(xi, ci, ti, rope, ki, plan, seq_len, False)
+                          for xi, ci, ti, ki in chunks])
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: Rope,
-                 kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int) -> torch.Tensor:
+                 kv_lens: torch.Tensor | None, plan: SequencePlan, seq_len: int,
+                 inplace: bool) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(
             t_mod, x.shape[0])
-        # the sub-layers' outputs are temporaries: each is freed once added to the residual
-        x = torch.addcmul(x, gate_msa, self.attn1(  # x + gate_msa * attn
-            x, rope, plan, seq_len, pre=lambda t: modulate(self.norm1(t), shift_msa, scale_msa)))
-        x = x + self.attn2(x, context, kv_lens)
-        return torch.addcmul(x, gate_mlp, self.ff(
-            x, pre=lambda t: modulate(self.norm2(t), shift_mlp, scale_mlp)))
+        # x + gate_msa * attn, written into x (inplace) or a new tensor that is this block's from
+        # here on; each sub-layer's output is a temporary, freed once added
+        attn = self.attn1(x, rope, plan, seq_len,
+                          pre=lambda t: modulate(self.norm1(t), shift_msa, scale_msa))
+        x = x.addcmul_(gate_msa, attn) if inplace else torch.addcmul(x, gate_msa, attn)
+        del attn
+        x += self.attn2(x, context, kv_lens)
+        return x.addcmul_(gate_mlp, self.ff(x, pre=lambda t: modulate(self.norm2(t), shift_mlp,
+                                                                       scale_mlp)))
 
 
 @dataclass
@@ -416,18 +447,35 @@ class StepVideoModel(nn.Module):
         x = self.pos_embed(hidden_states.flatten(0, 1))  # (B*F, h*w, D)
         return x.reshape(b, f * (hh // p) * (ww // p), -1), (f, hh // p, ww // p)
 
+    def shard_tokens(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """This rank's tokens of ``patchify`` (B, S, D), zero-padded as ``plan.shard`` pads, and the
+        grid. Sharded, only the frames that hold the rank's tokens are embedded (the patch
+        embedding is per frame), so the whole sequence never exists at width D."""
+        if self.plan.world_size == 1:
+            x, grid = self.patchify(hidden_states)
+            return self.plan.shard(x, 1), grid
+        b, f, _, hh, ww = hidden_states.shape
+        p = self.config.patch_size
+        per_frame = (hh // p) * (ww // p)
+        start, stop, size = self.plan.token_range(f * per_frame)
+        x = hidden_states.new_zeros(b, size, self.config.inner_dim)
+        if stop > start:
+            f0, f1 = start // per_frame, -(-stop // per_frame)
+            part, _ = self.patchify(hidden_states[:, f0:f1])  # (B, (f1-f0)*h*w, D)
+            x[:, : stop - start] = part[:, start - f0 * per_frame: stop - f0 * per_frame]
+        return x, (f, hh // p, ww // p)
+
     def embed(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
               encoder_hidden_states: torch.Tensor, encoder_hidden_states_2: torch.Tensor,
               encoder_attention_mask: torch.Tensor | None = None) -> "Embedded":
         """Everything the blocks need, with this rank's shard of the tokens."""
         self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_2,
                            encoder_attention_mask)
-        x, (f, h, w) = self.patchify(hidden_states)  # (B, F*h*w, D)
+        x, (f, h, w) = self.shard_tokens(hidden_states)  # (B, S, D): this rank's tokens
         t_mod, t_emb = self.adaln_single(timestep.reshape(-1).expand(x.shape[0]))  # (B, 6D), (B, D)
         context, kv_lens = self.text_context(encoder_hidden_states, encoder_hidden_states_2,
                                              encoder_attention_mask)
         rope = rope_tables(f, h, w, self.config.attention_head_dim, device=x.device).shard(self.plan)
-        x = self.plan.shard(x, 1)  # (B, S, D): this rank's tokens
         return Embedded(x, context, kv_lens, t_mod, t_emb, rope, (f, h, w))
 
     def blocks(self, e: "Embedded", x: torch.Tensor | None = None, start: int = 0,
@@ -436,17 +484,22 @@ class StepVideoModel(nn.Module):
         taken out of ``e`` (``e.x`` becomes None), so that nothing holds the embedded input once
         the first block has run: one row of (B, S, D) less at the peak. A caller that needs the
         input afterwards (a step cache's residual) passes it."""
-        if x is None:
+        owned = x is None  # the embedded tokens are nobody else's: blocks update them in place
+        if owned:
             x, e.x = e.x, None
-        for block in self.transformer_blocks[start:stop]:
-            x = block(x, e.context, e.t_mod, e.rope, e.kv_lens, self.plan, e.seq_len)
+        for i, block in enumerate(self.transformer_blocks[start:stop]):
+            x = block(x, e.context, e.t_mod, e.rope, e.kv_lens, self.plan, e.seq_len,
+                      inplace=owned or i > 0)
         return x
 
     def head(self, e: "Embedded", x: torch.Tensor) -> torch.Tensor:
-        """Gather the tokens, final modulation, unpatchify: (B, S, D) -> (B, F, C, H, W)."""
-        x = self.plan.gather(x, 1, e.seq_len)  # (B, F*h*w, D)
+        """Final modulation and projection of this rank's tokens (per token, so the same values
+        as on the whole sequence), gather, unpatchify: (B, S, D) -> (B, F, C, H, W). Gathering the
+        projected tokens (p*p*C = 64 wide) instead of the D-wide ones moves D/64 = 96x fewer bytes
+        and never holds the whole sequence at width D."""
         shift, scale = (self.scale_shift_table[None] + e.t_emb[:, None]).chunk(2, dim=1)
-        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, F*h*w, p*p*C)
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, S, p*p*C)
+        x = self.plan.gather(x, 1, e.seq_len)  # (B, F*h*w, p*p*C)
         return self.unpatchify(x, *e.grid)
 
     def valid_tokens(self, e: "Embedded") -> torch.Tensor:
@@ -456,9 +509,9 @@ class StepVideoModel(nn.Module):
     def first_block_input(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """This rank's tokens as the first block's self-attention sees them (B, S, D), padding
         zeroed: TeaCache's change indicator. Needs no text, so one copy of the latents serves CFG."""
-        x, (f, h, w) = self.patchify(hidden_states)
+        x, (f, h, w) = self.shard_tokens(hidden_states)
         t_mod, _ = self.adaln_single(timestep.reshape(-1).expand(x.shape[0]))
-        x = self.transformer_blocks[0].attn_input(self.plan.shard(x, 1), t_mod)
+        x = self.transformer_blocks[0].attn_input(x, t_mod)
         return x * self.plan.shard(x.new_ones(1, f * h * w, 1), 1)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, clip: torch.Tensor,

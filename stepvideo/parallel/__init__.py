@@ -6,6 +6,7 @@ long-context attention on GPUs (``xfuser_backend``: CUDA and the pinned xfuser 0
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 import torch
@@ -15,9 +16,16 @@ from .config import ParallelConfig
 from .context import CfgSplit, LaunchEnv, ParallelContext
 
 __all__ = ["BACKENDS", "CfgSplit", "LaunchEnv", "LocalPlan", "ParallelConfig", "ParallelContext",
-           "setup_parallel"]
+           "free_port", "setup_parallel"]
 
 BACKENDS = ("torch", "xfuser")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a torchrun rendezvous or a local service)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def setup_parallel(config: ParallelConfig, num_heads: int, backend: str = "torch",

@@ -90,34 +90,54 @@ class UlyssesPlan:
             x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
         return x.chunk(p, dim=dim)[self.g.sp_rank].contiguous()
 
+    def token_range(self, n: int) -> tuple[int, int, int]:
+        """(start, stop, size): the tokens [start, stop) of n that ``shard`` gives this rank,
+        zero-padded to size."""
+        size = -(-n // self.world_size)
+        start = min(self.g.sp_rank * size, n)
+        return start, min(start + size, n), size
+
     def gather(self, x: torch.Tensor, dim: int, seq_len: int) -> torch.Tensor:
         x = _all_gather(x, self.g.group("ulysses"), dim) if self.g.size("ulysses") > 1 else x
         x = _all_gather(x, self.g.group("ring"), dim) if self.g.size("ring") > 1 else x
         return x.narrow(dim, 0, seq_len)
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       seq_len: int) -> torch.Tensor:
+    def self_attention(self, qkv: list[torch.Tensor], seq_len: int) -> torch.Tensor:
         """Ulysses: q, k, v (B, S/U, H, d) go out per sample as (U, S/U, H/U, d), chunk i (the
         heads of rank i) to rank i, and come back as (U, S/U, H/U, d) = (S, H/U, d), a view
-        attention reads as is. Every exchange is started at once: sample i's attention runs as
-        soon as its q, k, v have arrived, while later samples are still in flight, and its output
-        goes back while the next sample's attention runs. One copy per tensor each way (the
-        head-chunk-major send buffer of q, k, v; the token-major output for ``wo``)."""
+        attention reads as is. ``qkv`` is emptied as its tensors are packed, so the caller's
+        projection is freed before any exchange. Every exchange is started at once: sample i's
+        attention runs as soon as its q, k, v have arrived, while later samples are still in
+        flight, and its output goes back while the next sample's attention runs. One copy per
+        tensor each way (the head-chunk-major send buffer of q, k, v; the token-major output for
+        ``wo``)."""
         u = self.g.size("ulysses")
         if u == 1:
+            q, k, v = qkv
+            qkv.clear()
             return self._attend(q, k, v, seq_len)
         group = self.g.group("ulysses")
-        b, s, heads, d = q.shape
-        sent = [rearrange(t, "b s (u h) d -> b u s h d", u=u).contiguous() for t in (v, k, q)]
-        got = [torch.empty_like(t) for t in sent]
-        works = [[_all_to_all_async(r[i], t[i], group) for i in range(b)] for r, t in zip(got, sent)]
-        back = q.new_empty(b, u, s, heads // u, d)  # sample i: rank j's heads of this rank's tokens
+        b, s, heads, d = qkv[0].shape
+        sent = []  # [v, k, q][sample]: (U, S/U, H/U, d) send buffers, one per sample so each is
+        while qkv:  # freed once its exchange is done; each popped tensor is released once packed
+            t = qkv.pop()
+            sent.append([rearrange(t[i], "s (u h) d -> u s h d", u=u).contiguous() for i in range(b)])
+            del t
+        got = [[torch.empty_like(x) for x in per_sample] for per_sample in sent]
+        works = [[_all_to_all_async(r, x, group) for r, x in zip(rs, xs)] for rs, xs in zip(got, sent)]
+        back = None  # (B, U, S/U, H/U, d), sample i: rank j's heads of this rank's tokens
         returns = []
         for i in range(b):
-            for w in works:
-                w[i].wait()
+            for j in range(3):  # the work holds its buffers too
+                works[j][i].wait()
+                works[j][i] = sent[j][i] = None
             vi, ki, qi = (r[i].view(1, u * s, heads // u, d) for r in got)  # (1, S, H/U, d)
+            for r in got:
+                r[i] = None
             out = self._attend(qi, ki, vi, seq_len).contiguous().view(u, s, heads // u, d)
+            del qi, ki, vi
+            if back is None:  # allocated once sample 0's buffers are free
+                back = out.new_empty(b, u, s, heads // u, d)
             returns.append((_all_to_all_async(back[i], out, group), out))  # out kept until sent
         for w, _ in returns:
             w.wait()

@@ -127,15 +127,23 @@ class XFuserPlan(UlyssesPlan):
         self.attn = xFuserLongContextAttention(ring_impl_type="basic",
                                                attn_type=AttnType.from_string(attn_type))
 
-    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        if x.shape[dim] % self.world_size:
+    def _check_even(self, n: int) -> None:
+        if n % self.world_size:
             raise ValueError(
-                f"{x.shape[dim]} tokens do not split evenly over {self.world_size} sequence-parallel "
+                f"{n} tokens do not split evenly over {self.world_size} sequence-parallel "
                 "ranks, and the xfuser backend cannot mask padding; pick a size whose latent "
                 "frames x height x width divide evenly, or use --parallel_backend torch")
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self._check_even(x.shape[dim])
         return super().shard(x, dim)
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       seq_len: int) -> torch.Tensor:
+    def token_range(self, n: int) -> tuple[int, int, int]:
+        self._check_even(n)
+        return super().token_range(n)
+
+    def self_attention(self, qkv: list[torch.Tensor], seq_len: int) -> torch.Tensor:
+        q, k, v = qkv
+        qkv.clear()
         # (B, S/P, H, d) in and out; the first argument is xfuser's KV-cache layer (unused here)
         return self.attn(None, q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=False)
