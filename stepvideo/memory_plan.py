@@ -368,9 +368,10 @@ def add_memory_args(p) -> None:
                    help="run the CFG halves through each block one after the other: one sample "
                         "in flight (DiT activations 12 -> 7 rows of D per token, measured on CPU)")
     g.add_argument("--ff_chunk", type=_count, default=0,
-                   help="run the feed-forward over this many tokens at a time (0: all); eager, "
-                        "self-attention holds the same peak, so this lowers it only where the "
-                        "feed-forward is the peak (--compile: not yet measured)")
+                   help="run the feed-forward over this many tokens at a time (0: all): its "
+                        "(S, 4D) hidden state is never whole, so the eager DiT peak falls from "
+                        "the feed-forward's 6 to self-attention's 5 rows of D per token and "
+                        "sample (measured on CPU; --compile: not measured)")
 
 
 def _count(text: str) -> int:

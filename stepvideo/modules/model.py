@@ -481,9 +481,11 @@ class StepVideoModel(nn.Module):
     def blocks(self, e: "Embedded", x: torch.Tensor | None = None, start: int = 0,
                stop: int | None = None) -> torch.Tensor:
         """Blocks ``start:stop`` on this rank's tokens x (B, S, D). Without ``x`` the tokens are
-        taken out of ``e`` (``e.x`` becomes None), so that nothing holds the embedded input once
-        the first block has run: one row of (B, S, D) less at the peak. A caller that needs the
-        input afterwards (a step cache's residual) passes it."""
+        taken out of ``e`` (``e.x`` becomes None) and every block updates them in place
+        (``inplace=True``): the running tokens are the only (B, S, D) state between blocks. A
+        caller that needs its input afterwards (a step cache's residual) passes ``x``: the first
+        block then leaves it as it is and the later ones update their own tensor. A forward hook
+        that keeps a block's output must clone it (the next block writes into it)."""
         owned = x is None  # the embedded tokens are nobody else's: blocks update them in place
         if owned:
             x, e.x = e.x, None
