@@ -120,7 +120,7 @@ class ActivationModel:
       freed once attended);
     - ring (r > 1, the torch backend all-gathers k and v: ``whole_rows + (3 + 3 r) / t``).
 
-    Measured (bf16 slope rows): local 6.04, ``--ff_chunk`` 5.04, ``--cfg_sequential`` 3.54;
+    Measured (bf16 slope rows): local 6.04, ``--ff_chunk 64`` 5.06, ``--cfg_sequential`` 3.54;
     tensor parallel 2 / 4: 4.04 / 3.04; Ulysses 2 / 4: 7.08 / 7.17 (sequential 4.08 / 4.17);
     ring 2 / 4: 11.08 / 17.17; the model: 6, 5, 3.5, 4, 3, 7, 7, 4, 4, 11, 17, plus RoPE's tables
     (0.04). Each sample waiting under ``--cfg_sequential`` holds its rows of x (``held_rows`` =
