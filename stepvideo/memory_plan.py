@@ -126,7 +126,10 @@ class ActivationModel:
     (0.04). Each sample waiting under ``--cfg_sequential`` holds its rows of x (``held_rows`` =
     1): blocks update the running tokens in place (``DiTBlock(inplace=True)``). Depth adds
     nothing: under no_grad the blocks' tokens are the only state.
-    ``rope_bytes``: the cos/sin tables, (S, 128) float32 each, per token, any batch.
+    ``rope_bytes``: the cos/sin tables, (S, 128) float32 each, per token, any batch. With tensor
+    parallelism over gloo a peak at random holds one more row of one sample (a row-parallel output
+    the collective's work object frees on its own thread a moment after the all-reduce returns):
+    not modelled, within ``reserve`` at the full video (0.87 GiB).
 
     Not modelled: terms that do not grow with the video (text context (B, L, D), AdaLN
     modulations (2 x B x 6D), t_emb (B, D): 0.7 MB at L = 16, 10 MB at L = 397); kernel workspaces
