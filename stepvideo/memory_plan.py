@@ -107,7 +107,7 @@ class ActivationModel:
 
     - norm + modulation (``norm_rows`` = 3, whole): the block input, its norm, the modulated
       copy (also the final layer's peak, over the whole batch: ``head_rows``);
-    - self-attention (``1 + attn_rows`` / t = 1 + 4 / t): the block input is whole, the q/k/v
+    - self-attention (``input_rows + attn_rows`` / t = 1 + 4 / t): the block input is whole, the q/k/v
       projection (3; q and k are normed and rotated inside it, a few heads at a time) and the
       attention output (1) are split over the t tensor-parallel ranks (the cross-attention, its
       queries normed in place too, holds less);
@@ -115,7 +115,7 @@ class ActivationModel:
       are whole, the hidden state (4, one copy: GELU runs in place) is split; ``--ff_chunk c``
       keeps c / S of it plus the chunks' concatenation (1 row), so the peak falls to
       self-attention's (6 -> 5 rows unsplit);
-    - Ulysses (u > 1, ``1 + ulysses_rows`` / t = 1 + 6 / t): the block input, the projection and
+    - Ulysses (u > 1, ``input_rows + ulysses_rows`` / t = 1 + 6 / t): the block input, the projection and
       the head-chunk-major send buffers while q, k, v are packed (each sample's receive buffer is
       freed once attended);
     - ring (r > 1, the torch backend all-gathers k and v: ``whole_rows + (3 + 3 r) / t``).
@@ -146,7 +146,8 @@ class ActivationModel:
     """
 
     norm_rows: float = 3.0
-    whole_rows: float = 2.0
+    input_rows: float = 1.0         # the block input, whole in every phase
+    whole_rows: float = 2.0         # the block input and a sub-layer's output
     attn_rows: float = 4.0
     ff_rows: float = 4.0
     ulysses_rows: float = 6.0
@@ -164,9 +165,9 @@ class ActivationModel:
         ff = self.ff_rows / t
         if 0 < ff_chunk < tokens:
             ff = ff * ff_chunk / tokens + 1  # the chunks' outputs, then their concatenation
-        phases = [self.norm_rows, 1 + self.attn_rows / t, self.whole_rows + ff]
+        phases = [self.norm_rows, self.input_rows + self.attn_rows / t, self.whole_rows + ff]
         if ulysses > 1:
-            phases.append(1 + self.ulysses_rows / t)
+            phases.append(self.input_rows + self.ulysses_rows / t)
         if ring > 1:
             phases.append(self.whole_rows + (3 + 3 * ring) / t)
         return max(phases)

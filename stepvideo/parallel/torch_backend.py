@@ -82,13 +82,14 @@ class UlyssesPlan:
         self.world_size = groups.cfg.sp_degree
 
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        n, p = x.shape[dim], self.world_size
-        padded = -(-n // p) * p
-        if padded != n:
+        """This rank's ``token_range`` of x along ``dim``, zero-padded to the common size."""
+        start, stop, size = self.token_range(x.shape[dim])
+        part = x.narrow(dim, start, stop - start)
+        if stop - start < size:
             pad_shape = list(x.shape)
-            pad_shape[dim] = padded - n
-            x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-        return x.chunk(p, dim=dim)[self.g.sp_rank].contiguous()
+            pad_shape[dim] = size - (stop - start)
+            part = torch.cat([part, x.new_zeros(pad_shape)], dim=dim)
+        return part.contiguous()
 
     def token_range(self, n: int) -> tuple[int, int, int]:
         """(start, stop, size): the tokens [start, stop) of n that ``shard`` gives this rank,

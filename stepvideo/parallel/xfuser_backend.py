@@ -127,19 +127,13 @@ class XFuserPlan(UlyssesPlan):
         self.attn = xFuserLongContextAttention(ring_impl_type="basic",
                                                attn_type=AttnType.from_string(attn_type))
 
-    def _check_even(self, n: int) -> None:
+    def token_range(self, n: int) -> tuple[int, int, int]:
+        """``UlyssesPlan.token_range`` (which ``shard`` uses), for an even split only."""
         if n % self.world_size:
             raise ValueError(
                 f"{n} tokens do not split evenly over {self.world_size} sequence-parallel "
                 "ranks, and the xfuser backend cannot mask padding; pick a size whose latent "
                 "frames x height x width divide evenly, or use --parallel_backend torch")
-
-    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        self._check_even(x.shape[dim])
-        return super().shard(x, dim)
-
-    def token_range(self, n: int) -> tuple[int, int, int]:
-        self._check_even(n)
         return super().token_range(n)
 
     def self_attention(self, qkv: list[torch.Tensor], seq_len: int) -> torch.Tensor:
